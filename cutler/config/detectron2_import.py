@@ -1,0 +1,150 @@
+"""Import CutLER / Detectron2 YAML configs (``_BASE_`` inheritance, UPPER_CASE keys) into our schema.
+
+The schema mirrors Detectron2's tree in lower case, so most keys map by lower-casing. What is left:
+- keys Detectron2 has but cutler does not implement: accepted only at their inert value
+  (``MODEL.KEYPOINT_ON: False``), otherwise a :class:`ConfigKeyError` says the feature is unsupported;
+- keys with a fixed value here (``MODEL.META_ARCHITECTURE: GeneralizedRCNN``): other values are refused;
+- bookkeeping keys (``VERSION``) are dropped;
+- anything else unknown is a typo: the error names the key, the file and the closest valid key.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+import yaml
+from omegaconf import OmegaConf
+
+from .loader import ConfigKeyError, suggest_key, _schema_keys
+from .schema import CutlerConfig
+
+# Detectron2 keys accepted only at the value given (the feature they switch on is not implemented).
+INERT_ONLY: Dict[str, Any] = {
+    "MODEL.KEYPOINT_ON": False,
+    "MODEL.LOAD_PROPOSALS": False,
+    "MODEL.PROPOSAL_GENERATOR.NAME": "RPN",
+    "MODEL.PROPOSAL_GENERATOR.MIN_SIZE": 0,
+    "MODEL.META_ARCHITECTURE": "GeneralizedRCNN",
+    "MODEL.BACKBONE.NAME": "build_resnet_fpn_backbone",
+    "MODEL.RPN.HEAD_NAME": "StandardRPNHead",
+    "MODEL.ROI_BOX_HEAD.NAME": "FastRCNNConvFCHead",
+    "MODEL.ROI_MASK_HEAD.NAME": "MaskRCNNConvUpsampleHead",
+    "MODEL.ANCHOR_GENERATOR.NAME": "DefaultAnchorGenerator",
+    "INPUT.CROP.ENABLED": False,
+    "MODEL.RESNETS.DEFORM_ON_PER_STAGE": [False, False, False, False],
+    "TEST.AUG.ENABLED": False,
+    "DATALOADER.REPEAT_THRESHOLD": 0.0,
+}
+# Detectron2 keys that carry no meaning for cutler and are dropped.
+IGNORED = {"VERSION", "GLOBAL.HACK", "TEST.KEYPOINT_OKS_SIGMAS", "TEST.EXPECTED_RESULTS", "DATASETS.PROPOSAL_FILES_TRAIN",
+           "DATASETS.PROPOSAL_FILES_TEST", "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN",
+           "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST", "SOLVER.REFERENCE_WORLD_SIZE_ONLY"}
+# Known Detectron2 subtrees cutler does not implement at all.
+UNSUPPORTED_SECTIONS = ("MODEL.RETINANET", "MODEL.SEM_SEG_HEAD", "MODEL.PANOPTIC_FPN", "MODEL.ROI_KEYPOINT_HEAD",
+                        "MODEL.DENSEPOSE", "INPUT.CROP")
+# The allowed ROI head names (CutLER registers Custom* variants of Detectron2's).
+ROI_HEAD_NAMES = {"StandardROIHeads", "CascadeROIHeads", "CustomStandardROIHeads", "CustomCascadeROIHeads"}
+
+
+def _read_d2_yaml(path: Path, seen: frozenset = frozenset()) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"Detectron2 config file not found: {path}")
+    if path in seen:
+        raise ValueError(f"_BASE_ inheritance cycle through {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"cannot parse YAML config {path}: {e}") from e
+    base = data.pop("_BASE_", None)
+    if base is None:
+        return data
+    if isinstance(base, str) and base.startswith(("http://", "https://")):
+        raise ValueError(f"{path}: _BASE_ '{base}' is a URL; cutler never downloads, give a local file")
+    base_data = _read_d2_yaml((path.parent / os.path.expanduser(str(base))).resolve(), seen | {path})
+    return _deep_merge(base_data, data)
+
+
+def _deep_merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _flatten(data: Mapping, prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            flat.update(_flatten(v, full))
+        else:
+            flat[full] = v
+    return flat
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_normalise(v) for v in value]
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def _parse_tuple_string(value: Any) -> Any:
+    # YAML gives "(240, 320)" as a string: Detectron2 evaluates it as a Python literal.
+    if isinstance(value, str) and value.strip().startswith("(") and value.strip().endswith(")"):
+        import ast
+
+        try:
+            return list(ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
+def import_detectron2_yaml(path: os.PathLike | str) -> dict:
+    """Read a CutLER/Detectron2 YAML (with ``_BASE_`` chain) and return a nested dict in our schema.
+
+    Raises:
+        ConfigKeyError: for unsupported features and unknown keys (message names key, file, neighbour).
+    """
+    path = Path(path).resolve()
+    flat = _flatten(_read_d2_yaml(path))
+    schema = OmegaConf.structured(CutlerConfig)
+    valid = set(_schema_keys(schema))
+    upper_valid = {k.upper(): k for k in valid}
+    out: dict = {}
+    for key, value in flat.items():
+        value = _normalise(_parse_tuple_string(value))
+        if key in IGNORED:
+            continue
+        if key in INERT_ONLY:
+            expected = INERT_ONLY[key]
+            if value != expected:
+                raise ConfigKeyError(
+                    f"{path}: '{key}: {value}' is not supported by cutler (only '{expected}' is implemented)"
+                )
+            if key.lower() not in valid:
+                continue
+        if key.startswith(UNSUPPORTED_SECTIONS):
+            raise ConfigKeyError(f"{path}: '{key}' belongs to a Detectron2 feature cutler does not implement")
+        if key == "MODEL.ROI_HEADS.NAME" and value not in ROI_HEAD_NAMES:
+            raise ConfigKeyError(
+                f"{path}: MODEL.ROI_HEADS.NAME '{value}' is not supported (one of {sorted(ROI_HEAD_NAMES)})"
+            )
+        ours = upper_valid.get(key)
+        if ours is None:
+            hint = suggest_key(key, list(upper_valid))
+            msg = f"unknown Detectron2 config key '{key}' in {path}"
+            raise ConfigKeyError(msg + (f"; did you mean '{hint}'?" if hint else ""))
+        node = out
+        parts = ours.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out

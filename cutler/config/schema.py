@@ -1,0 +1,313 @@
+"""The structured configuration schema of cutler.
+
+The tree mirrors Detectron2's ``CfgNode`` layout with lower-case names (``MODEL.ROI_HEADS.USE_DROPLOSS``
+becomes ``model.roi_heads.use_droploss``), so a CutLER/Detectron2 YAML maps onto it key for key
+(see :mod:`cutler.config.detectron2_import`). Sections that Detectron2 does not have (``maskcut``,
+``selftrain``, ``eval``) are our own. Defaults are Detectron2's defaults unless a comment says otherwise;
+the CutLER recipes live in ``configs/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+def _list(*values):
+    return field(default_factory=lambda: list(values))
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class BackboneConfig:
+    name: str = "build_resnet_fpn_backbone"
+    freeze_at: int = 2  # Detectron2 default; CutLER recipes use 0
+
+
+@dataclass
+class ResNetsConfig:
+    depth: int = 50
+    out_features: List[str] = _list("res2", "res3", "res4", "res5")
+    num_groups: int = 1
+    width_per_group: int = 64
+    norm: str = "FrozenBN"  # "BN" | "SyncBN" | "FrozenBN" | "GN" | ""
+    stride_in_1x1: bool = True
+    res5_dilation: int = 1
+    res2_out_channels: int = 256
+    stem_out_channels: int = 64
+
+
+@dataclass
+class FPNConfig:
+    in_features: List[str] = _list("res2", "res3", "res4", "res5")
+    out_channels: int = 256
+    norm: str = ""
+    fuse_type: str = "sum"
+
+
+@dataclass
+class AnchorGeneratorConfig:
+    name: str = "DefaultAnchorGenerator"
+    sizes: List[List[float]] = field(default_factory=lambda: [[32.0], [64.0], [128.0], [256.0], [512.0]])
+    aspect_ratios: List[List[float]] = field(default_factory=lambda: [[0.5, 1.0, 2.0]])
+    angles: List[List[float]] = field(default_factory=lambda: [[-90.0, 0.0, 90.0]])
+    offset: float = 0.0
+
+
+@dataclass
+class RPNConfig:
+    head_name: str = "StandardRPNHead"
+    in_features: List[str] = _list("p2", "p3", "p4", "p5", "p6")
+    boundary_thresh: int = -1
+    iou_thresholds: List[float] = _list(0.3, 0.7)
+    iou_labels: List[int] = _list(0, -1, 1)
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    bbox_reg_loss_type: str = "smooth_l1"
+    bbox_reg_loss_weight: float = 1.0
+    bbox_reg_weights: List[float] = _list(1.0, 1.0, 1.0, 1.0)
+    smooth_l1_beta: float = 0.0
+    loss_weight: float = 1.0
+    pre_nms_topk_train: int = 2000  # per FPN level
+    pre_nms_topk_test: int = 1000  # per FPN level
+    post_nms_topk_train: int = 1000
+    post_nms_topk_test: int = 1000
+    nms_thresh: float = 0.7
+    conv_dims: List[int] = _list(-1)
+
+
+@dataclass
+class ROIHeadsConfig:
+    name: str = "StandardROIHeads"  # "StandardROIHeads" | "CascadeROIHeads" (+ CutLER's Custom* aliases)
+    num_classes: int = 80
+    in_features: List[str] = _list("p2", "p3", "p4", "p5")
+    iou_thresholds: List[float] = _list(0.5)
+    iou_labels: List[int] = _list(0, 1)
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    score_thresh_test: float = 0.05
+    nms_thresh_test: float = 0.5
+    proposal_append_gt: bool = True
+    use_droploss: bool = False  # CutLER: zero the cls loss of proposals whose predicted box misses all GT
+    droploss_iou_thresh: float = 0.0
+
+
+@dataclass
+class ROIBoxHeadConfig:
+    name: str = "FastRCNNConvFCHead"
+    bbox_reg_loss_type: str = "smooth_l1"
+    bbox_reg_loss_weight: float = 1.0
+    bbox_reg_weights: List[float] = _list(10.0, 10.0, 5.0, 5.0)
+    smooth_l1_beta: float = 0.0
+    pooler_resolution: int = 14
+    pooler_sampling_ratio: int = 0
+    pooler_type: str = "ROIAlignV2"
+    num_fc: int = 0
+    fc_dim: int = 1024
+    num_conv: int = 0
+    conv_dim: int = 256
+    norm: str = ""
+    cls_agnostic_bbox_reg: bool = False
+    train_on_pred_boxes: bool = False
+    use_fed_loss: bool = False
+    use_sigmoid_ce: bool = False
+
+
+@dataclass
+class ROIBoxCascadeHeadConfig:
+    bbox_reg_weights: List[List[float]] = field(
+        default_factory=lambda: [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]]
+    )
+    ious: List[float] = _list(0.5, 0.6, 0.7)
+
+
+@dataclass
+class ROIMaskHeadConfig:
+    name: str = "MaskRCNNConvUpsampleHead"
+    pooler_resolution: int = 14
+    pooler_sampling_ratio: int = 0
+    num_conv: int = 0
+    conv_dim: int = 256
+    norm: str = ""
+    cls_agnostic_mask: bool = False
+    pooler_type: str = "ROIAlignV2"
+
+
+@dataclass
+class ModelConfig:
+    meta_architecture: str = "GeneralizedRCNN"
+    weights: str = ""  # a local path; URLs are refused (no downloads at run time)
+    mask_on: bool = False
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    pixel_mean: List[float] = _list(103.530, 116.280, 123.675)
+    pixel_std: List[float] = _list(1.0, 1.0, 1.0)
+    channels_last: bool = False
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    resnets: ResNetsConfig = field(default_factory=ResNetsConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    anchor_generator: AnchorGeneratorConfig = field(default_factory=AnchorGeneratorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
+    roi_box_head: ROIBoxHeadConfig = field(default_factory=ROIBoxHeadConfig)
+    roi_box_cascade_head: ROIBoxCascadeHeadConfig = field(default_factory=ROIBoxCascadeHeadConfig)
+    roi_mask_head: ROIMaskHeadConfig = field(default_factory=ROIMaskHeadConfig)
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class InputConfig:
+    min_size_train: List[int] = _list(800)
+    min_size_train_sampling: str = "choice"
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    random_flip: str = "horizontal"
+    format: str = "RGB"
+    mask_format: str = "bitmask"
+
+
+@dataclass
+class DatasetsConfig:
+    train: List[str] = _list("synthetic_train")
+    test: List[str] = _list("synthetic_val")
+    root: str = "${oc.env:CUTLER_DATASETS,datasets}"  # one root for every registered dataset
+
+
+@dataclass
+class DataLoaderConfig:
+    num_workers: int = 4
+    aspect_ratio_grouping: bool = True
+    sampler_train: str = "TrainingSampler"
+    filter_empty_annotations: bool = True
+    copy_paste: bool = False
+    copy_paste_rate: float = 0.0
+    copy_paste_min_ratio: float = 0.5
+    copy_paste_max_ratio: float = 1.0
+    copy_paste_random_num: bool = True
+    visualize_copy_paste: bool = False
+
+
+# -------------------------------------------------------------------------------------------- solver
+@dataclass
+class ClipGradientsConfig:
+    enabled: bool = False
+    clip_type: str = "value"  # "value" | "norm"
+    clip_value: float = 1.0
+    norm_type: float = 2.0
+
+
+@dataclass
+class AMPConfig:
+    enabled: bool = False
+    dtype: str = "float16"  # "float16" | "bfloat16"
+
+
+@dataclass
+class SolverConfig:
+    lr_scheduler_name: str = "WarmupMultiStepLR"  # | "WarmupCosineLR"
+    max_iter: int = 40000
+    base_lr: float = 0.001
+    base_lr_end: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0001
+    weight_decay_norm: float = 0.0
+    weight_decay_bias: Optional[float] = None
+    gamma: float = 0.1
+    steps: List[int] = _list(30000)
+    warmup_factor: float = 0.001
+    warmup_iters: int = 1000
+    warmup_method: str = "linear"
+    checkpoint_period: int = 5000
+    checkpoint_keep_last: int = 3  # ours: how many periodic checkpoints to keep
+    ims_per_batch: int = 16
+    reference_world_size: int = 0
+    bias_lr_factor: float = 1.0
+    base_lr_multiplier: float = 1.0  # CutLER: LR factor for parameters named below
+    base_lr_multiplier_names: List[str] = _list()
+    clip_gradients: ClipGradientsConfig = field(default_factory=ClipGradientsConfig)
+    amp: AMPConfig = field(default_factory=AMPConfig)
+    nan_policy: str = "stop"  # ours: "stop" (keep the last good checkpoint and exit) | "skip" (skip the step)
+
+
+# ---------------------------------------------------------------------------------------------- test
+@dataclass
+class PreciseBNConfig:
+    enabled: bool = False
+    num_iter: int = 200
+
+
+@dataclass
+class TestConfig:
+    eval_period: int = 0
+    detections_per_image: int = 100
+    no_segm: bool = False
+    precise_bn: PreciseBNConfig = field(default_factory=PreciseBNConfig)
+
+
+# ------------------------------------------------------------------------------------------- maskcut
+@dataclass
+class MaskCutConfig:
+    """MaskCut pseudo-mask generation (``../shared/spec/maskcut.md``)."""
+
+    vit_arch: str = "base"  # "small" | "base"
+    vit_feat: str = "k"  # "k" | "q" | "v" | "kqv"
+    patch_size: int = 8
+    pretrain_path: str = ""  # DINO checkpoint; empty = random init (loud warning)
+    tau: float = 0.15  # affinity threshold; published ImageNet recipe 0.15 (paper code default 0.2)
+    eps: float = 1e-5
+    fixed_size: int = 480
+    n: int = 3  # masks (NCut stages) per image
+    min_area_fraction: float = 0.01  # stage t >= 2 masks covering <= this fraction are dropped
+    stage_iou_thresh: float = 0.5  # stage t >= 2 masks overlapping the previous one more are dropped
+    crf: str = "auto"  # "pydensecrf" | "torch" | "none" | "auto" (torch on GPU, pydensecrf on CPU)
+    crf_iou_thresh: float = 0.5  # masks whose CRF output overlaps the input less are discarded
+    solver: str = "fast"  # "fast" (batched iterative, float32/64) | "exact" (float64 dense eigh)
+    batch_size: int = 8
+    num_workers: int = 4  # image decoding workers
+    crf_workers: int = 0  # CRF process pool size; 0 = number of CPU cores
+    dtype: str = "auto"  # ViT autocast dtype on GPU: "auto" | "bfloat16" | "float16" | "float32"
+    device: str = "auto"
+    dataset_path: str = ""  # empty = the embedded synthetic dataset
+    out_dir: str = "output/maskcut"
+    chunk_size: int = 256  # images per atomically written result chunk
+    shard_index: int = -1  # -1 = from torchrun's RANK (or 0)
+    num_shards: int = -1  # -1 = from torchrun's WORLD_SIZE (or 1)
+    num_folder_per_job: int = 0  # published ImageNet job split (0 = off)
+    job_index: int = 0
+
+
+# ------------------------------------------------------------------------------------ self-training
+@dataclass
+class SelfTrainConfig:
+    rounds: int = 3
+    score_thresholds: List[float] = _list(0.7, 0.7, 0.7)  # one per round (paper text lowers it per round)
+    drop_iou_thresh: float = 0.5  # previous pseudo-masks overlapping a kept prediction more are dropped
+
+
+@dataclass
+class EvalConfig:
+    datasets: List[str] = _list(
+        "coco_2017_val", "coco20k", "voc07_trainval", "lvis_val", "uvo_val", "clipart", "comic",
+        "watercolor", "kitti_trainval", "objects365_val", "openimages_val",
+    )
+    max_dets: int = 100
+    batch_size: int = 2
+
+
+@dataclass
+class CutlerConfig:
+    """Root of the configuration tree."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
+    dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    maskcut: MaskCutConfig = field(default_factory=MaskCutConfig)
+    selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "output"
+    seed: int = -1  # -1 = derive from time (logged); >= 0 = deterministic
+    cudnn_benchmark: bool = False
+    vis_period: int = 0
