@@ -239,14 +239,33 @@ def evaluate_coco(
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
-        dt_coco = _results_coco(gt_coco, results, iou_type)
-        E = COCOeval(gt_coco, dt_coco, iou_type)
+        gt_i = _with_box_masks(gt_coco) if iou_type == "segm" else gt_coco
+        dt_coco = _results_coco(gt_i, results, iou_type)
+        E = COCOeval(gt_i, dt_coco, iou_type)
         E.params.maxDets = [1, 10, int(max_dets)]
         with contextlib.redirect_stdout(io.StringIO()):
             E.evaluate()
             E.accumulate()
         out[iou_type] = _summarize(E)
     return out
+
+
+def _with_box_masks(gt: COCO) -> COCO:
+    """``gt`` where annotations without a segmentation (often crowd boxes) get their box as polygon mask.
+
+    pycocotools' segm evaluation needs a mask on every ground-truth annotation; a box-shaped mask is the
+    only faithful stand-in (``COCO.loadRes`` does the same for box-only detections).
+    """
+    anns = gt.dataset["annotations"]
+    if all(a.get("segmentation") for a in anns):
+        return gt
+    fixed = []
+    for a in anns:
+        if not a.get("segmentation"):
+            x, y, w, h = a["bbox"]
+            a = {**a, "segmentation": [[x, y, x, y + h, x + w, y + h, x + w, y]]}
+        fixed.append(a)
+    return build_coco({**gt.dataset, "annotations": fixed})
 
 
 def _is_agnostic(gt: COCO) -> bool:
