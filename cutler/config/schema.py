@@ -292,6 +292,10 @@ class EvalConfig:
     )
     max_dets: int = 100
     batch_size: int = 2
+    chunk_size: int = 500  # images per atomically committed result chunk (what a killed run can lose)
+    resume: bool = True  # rerun skips images already in committed chunks
+    pseudo_label_score: str = "constant"  # "constant" | "area" | "field": scores given to pseudo-label annotations
+    pseudo_label_constant: float = 1.0  # the score of every annotation when pseudo_label_score="constant"
 
 
 @dataclass

@@ -1,0 +1,195 @@
+"""Inference over a dataset with a small model that follows the detector interface: results format,
+bad images, sharding, resume after a kill, and evaluation end to end."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+
+from cutler.config import load_config
+from cutler.data.catalog import register_dataset
+from cutler.evaluation.evaluator import DatasetMissingError, evaluate_dataset
+from cutler.evaluation.inference import (
+    RESULTS_FILE,
+    finished_image_ids,
+    instances_to_coco_results,
+    prepare_input,
+    resized_shape,
+    run_inference,
+)
+
+# (width, height, bright rectangle XYWH) per image
+IMAGES = [(64, 48, (8, 6, 30, 20)), (50, 70, (10, 30, 25, 30)), (80, 40, (40, 4, 32, 32)),
+          (40, 40, (2, 2, 20, 30)), (60, 60, (30, 30, 20, 20))]
+
+
+class BrightBoxModel(torch.nn.Module):
+    """Finds the bright rectangle in the resized input and reports it in original pixels (box + mask).
+
+    It checks the interface: uint8 [3,h,w] inputs, outputs in the ``height x width`` frame.
+    """
+
+    def __init__(self, fail_after: int | None = None):
+        super().__init__()
+        self.calls = 0
+        self.seen_sizes = []
+        self.fail_after = fail_after
+
+    def forward(self, batched_inputs):
+        assert not self.training
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.calls += 1
+        outs = []
+        for x in batched_inputs:
+            img, H, W = x["image"], x["height"], x["width"]
+            assert img.dtype == torch.uint8 and img.shape[0] == 3
+            self.seen_sizes.append(tuple(img.shape[1:]))
+            h, w = img.shape[1:]
+            ys, xs = torch.nonzero(img[0] > 127, as_tuple=True)
+            sx, sy = W / w, H / h
+            box = torch.tensor([[xs.min() * sx, ys.min() * sy, (xs.max() + 1) * sx, (ys.max() + 1) * sy]],
+                               dtype=torch.float32).round()
+            mask = torch.zeros(1, H, W, dtype=torch.bool)
+            x0, y0, x1, y1 = box[0].long().tolist()
+            mask[0, y0:y1, x0:x1] = True
+            # a second, low-scoring false positive, to see ordering and max_dets at work
+            fp = torch.tensor([[0.0, 0.0, 4.0, 4.0]])
+            fp_mask = torch.zeros(1, H, W, dtype=torch.bool)
+            fp_mask[0, :4, :4] = True
+            outs.append({"instances": {"boxes": torch.cat([fp, box]), "scores": torch.tensor([0.1, 0.9]),
+                                       "classes": torch.zeros(2, dtype=torch.int64),
+                                       "masks": torch.cat([fp_mask, mask])}})
+        return outs
+
+
+def _make_dataset(root, corrupt: bool = True):
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True)
+    images, anns = [], []
+    for i, (w, h, (x, y, bw, bh)) in enumerate(IMAGES):
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[y:y + bh, x:x + bw] = 255
+        Image.fromarray(arr).save(img_dir / f"{i}.png")
+        images.append({"id": 100 + i, "file_name": f"{i}.png", "height": h, "width": w})
+        m = np.zeros((h, w), np.uint8, order="F")
+        m[y:y + bh, x:x + bw] = 1
+        rle = mask_util.encode(m)
+        rle["counts"] = rle["counts"].decode()
+        anns.append({"id": i + 1, "image_id": 100 + i, "category_id": 1 + i % 2, "bbox": [x, y, bw, bh],
+                     "area": bw * bh, "iscrowd": 0, "segmentation": rle})
+    if corrupt:
+        (img_dir / "bad.png").write_bytes(b"not a png at all")
+        images.append({"id": 999, "file_name": "bad.png", "height": 10, "width": 10})
+    gt = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    (root / "gt.json").write_text(json.dumps(gt))
+    return gt, img_dir
+
+
+def _load_results(path):
+    return json.loads(path.read_text())
+
+
+def test_resize_rule_and_input_format():
+    assert resized_shape(480, 640, 800, 1333) == (800, 1067)
+    assert resized_shape(100, 1000, 800, 1333) == (133, 1333)  # the long edge caps the scale
+    assert resized_shape(30, 40, 0, 1333) == (30, 40)
+    x = prepare_input(np.zeros((30, 40, 3), np.uint8), 15, 100)
+    assert x["image"].shape == (3, 15, 20) and x["image"].dtype == torch.uint8
+    assert (x["height"], x["width"]) == (30, 40)
+
+
+def test_instances_to_coco_results_boxes_masks_order():
+    masks = torch.zeros(3, 10, 12, dtype=torch.bool)
+    masks[1, 2:5, 3:9] = True
+    inst = {"boxes": torch.tensor([[0, 0, 1, 1], [3, 2, 9, 5], [1, 1, 2, 2]], dtype=torch.float32),
+            "scores": torch.tensor([0.2, 0.9, 0.5]), "masks": masks}
+    res = instances_to_coco_results(inst, 7, max_dets=2)
+    assert [r["score"] for r in res] == [0.9, 0.5]
+    assert res[0]["bbox"] == [3.0, 2.0, 6.0, 3.0] and res[0]["image_id"] == 7 and res[0]["category_id"] == 1
+    assert (mask_util.decode(res[0]["segmentation"]) == masks[1].numpy()).all()
+    assert isinstance(res[0]["segmentation"]["counts"], str)
+    json.dumps(res)  # JSON-ready
+    assert "segmentation" not in instances_to_coco_results(inst, 7, with_masks=False)[0]
+
+
+def test_evaluate_dataset_end_to_end_with_a_bad_image(tmp_path):
+    gt, img_dir = _make_dataset(tmp_path / "data")
+    register_dataset("test_bright_boxes", str(img_dir), str(tmp_path / "data" / "gt.json"), overwrite=True)
+    cfg = load_config(None, ["model.mask_on=true", "input.min_size_test=32", "input.max_size_test=100",
+                             "eval.batch_size=2", "eval.chunk_size=2", "dataloader.num_workers=0"])
+    model = BrightBoxModel()
+    out = tmp_path / "out"
+    metrics = evaluate_dataset(model, cfg, "test_bright_boxes", output_dir=out)
+    # the rectangle is found up to the resize round trip: every prediction has IoU > 0.75
+    for t in ("bbox", "segm"):
+        assert metrics[t]["AP50"] == pytest.approx(100.0) and metrics[t]["AP75"] == pytest.approx(100.0)
+    assert len(model.seen_sizes) == len(IMAGES) and all(min(hw) == 32 for hw in model.seen_sizes)
+    assert model.training  # mode restored
+    failures = json.loads((out / "failures.json").read_text())
+    assert [f["image_id"] for f in failures] == [999] and "not an image" in failures[0]["reason"]
+    # pycocotools reads the merged file back
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(tmp_path / "data" / "gt.json"))
+        dets = coco.loadRes(str(out / RESULTS_FILE))
+    assert len(dets.getAnnIds()) == 2 * len(IMAGES)
+    report = json.loads((out / "metrics_test_bright_boxes.json").read_text())
+    assert report["num_unreadable_images"] == 1 and report["metrics"]["bbox"]["AP50"] == pytest.approx(100.0)
+    assert (out / "metrics_test_bright_boxes.md").is_file() and (out / "metrics_test_bright_boxes.csv").is_file()
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    register_dataset("test_absent", "nowhere/images", "nowhere/gt.json", overwrite=True)
+    with pytest.raises(DatasetMissingError, match="not found"):
+        evaluate_dataset(BrightBoxModel(), load_config(None, []), "test_absent", root=tmp_path)
+
+
+def test_resume_after_kill_gives_no_duplicates(tmp_path):
+    gt, img_dir = _make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    kw = dict(min_size=32, max_size=100, batch_size=1, chunk_size=2, progress=False)
+    killed = BrightBoxModel(fail_after=3)  # dies inside the second chunk
+    with pytest.raises(KeyboardInterrupt):
+        run_inference(killed, gt["images"], img_dir, out, **kw)
+    assert finished_image_ids(out) == {100, 101}  # only the committed first chunk counts
+    assert not (out / RESULTS_FILE).exists()
+
+    again = BrightBoxModel()
+    path = run_inference(again, gt["images"], img_dir, out, **kw)
+    assert again.calls == len(IMAGES) - 2  # the bad image needs no model call
+    results = _load_results(path)
+    ids = [r["image_id"] for r in results]
+    assert sorted(ids) == sorted([100 + i for i in range(len(IMAGES))] * 2)  # each image exactly once (2 dets)
+
+    third = BrightBoxModel()  # everything done: nothing recomputed, same merged file
+    assert run_inference(third, gt["images"], img_dir, out, **kw) == path and third.calls == 0
+    assert _load_results(path) == results
+
+    fresh = BrightBoxModel()
+    run_inference(fresh, gt["images"], img_dir, out, resume=False, **kw)
+    assert fresh.calls == len(IMAGES) and len(_load_results(path)) == len(results)
+
+
+def test_shards_cover_the_dataset_once_and_the_last_one_merges(tmp_path):
+    gt, img_dir = _make_dataset(tmp_path / "data", corrupt=False)
+    out = tmp_path / "out"
+    kw = dict(min_size=32, max_size=100, batch_size=2, chunk_size=1, progress=False, world_size=3)
+    # an orphan results file from a killed run (no done mark) must be ignored
+    (out / "chunks").mkdir(parents=True)
+    (out / "chunks" / "r0000_000000.results.json").write_text(json.dumps([{"image_id": 100, "bbox": [0, 0, 1, 1],
+                                                                          "score": 1.0}]))
+    models = [BrightBoxModel() for _ in range(3)]
+    assert run_inference(models[0], gt["images"], img_dir, out, rank=0, **kw) is None
+    assert run_inference(models[2], gt["images"], img_dir, out, rank=2, **kw) is None
+    path = run_inference(models[1], gt["images"], img_dir, out, rank=1, **kw)
+    assert [m.calls for m in models] == [2, 2, 1]  # ids[rank::3] of 5 images, one image per chunk
+    ids = [r["image_id"] for r in _load_results(path)]
+    assert sorted(ids) == sorted([100 + i for i in range(len(IMAGES))] * 2)
+    assert not any(r["bbox"] == [0, 0, 1, 1] for r in _load_results(path))
