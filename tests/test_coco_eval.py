@@ -206,3 +206,70 @@ def test_report_files_hold_the_same_numbers(tmp_path):
     assert rows[0]["type"] == "bbox" and float(rows[0]["AP75"]) == 0.0 and rows[0]["APs"] == ""
     md = (tmp_path / "metrics_toy.md").read_text()
     assert "| bbox | 40.0 | 100.0 | 0.0 |" in md
+
+
+# ------------------------------------------------------------------------------ pseudo-label quality
+from cutler.evaluation.pseudo_labels import annotations_to_results, evaluate_pseudo_labels  # noqa: E402
+
+
+def _pseudo_from(gt, id_offset=10, prefix="", drop=()):
+    """The GT annotations as a pseudo-label file with other ids, another image order and path prefixes."""
+    images = [{**im, "id": im["id"] + id_offset, "file_name": prefix + im["file_name"]} for im in reversed(gt["images"])]
+    anns = [{"id": k + 1, "image_id": a["image_id"] + id_offset, "category_id": 1, "bbox": a["bbox"],
+             "segmentation": a["segmentation"], "area": a["area"], "iscrowd": 0}
+            for k, a in enumerate(gt["annotations"]) if a["id"] not in drop]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "fg"}]}
+
+
+def test_pseudo_labels_matched_by_file_name_score_perfectly(tmp_path):
+    gt = _gt([[([10, 10, 50, 40], 1, 0)], [([100, 50, 80, 60], 2, 0), ([5, 5, 20, 20], 1, 0)], []],
+             categories=({"id": 1, "name": "a"}, {"id": 2, "name": "b"}))
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps(_pseudo_from(gt, prefix="val2017/")))
+    out = evaluate_pseudo_labels(tmp_path / "pred.json", tmp_path / "gt.json", with_corloc=True)
+    assert out["metrics"]["bbox"]["AP"] == pytest.approx(100.0) and out["metrics"]["segm"]["AP"] == pytest.approx(100.0)
+    assert out["info"]["matched_images"] == 3 and out["info"]["gt_images_without_labels"] == 0
+    assert out["corloc"]["corloc"] == pytest.approx(100.0) and out["corloc"]["num_images"] == 2
+    assert {r["image_id"] for r in out["results"]} == {1, 2}  # ground-truth ids, not the file's
+    # with ids as they are nothing matches: a clear error, or everything dropped on request
+    with pytest.raises(EvaluationInputError, match="not in the ground truth"):
+        evaluate_pseudo_labels(tmp_path / "pred.json", gt, match="id")
+    dropped = evaluate_pseudo_labels(tmp_path / "pred.json", gt, match="id", allow_unmatched=True)
+    assert dropped["metrics"]["bbox"]["AP"] == 0.0 and dropped["info"]["unmatched_images"] == 3
+
+
+def test_pseudo_label_score_modes_and_missed_objects_match_pycocotools():
+    gt = _gt([[([10, 10, 50, 40], 1, 0), ([200, 100, 30, 30], 1, 0)], [([100, 50, 80, 60], 1, 0)]])
+    pred = _pseudo_from(gt, id_offset=0, drop=(2,))  # one object missed
+    # a small false pseudo-mask (no GT there), written first in image 1
+    fp = {"id": 50, "image_id": 1, "category_id": 1, "bbox": [150.0, 10.0, 10.0, 10.0],
+          "segmentation": _rle([150, 10, 10, 10]), "area": 100.0, "iscrowd": 0}
+    pred["annotations"].insert(0, fp)
+    for mode in ("constant", "area"):
+        results, _ = annotations_to_results(pred, gt, score_mode=mode)
+        ours = evaluate_coco(gt, results)
+        for t in ("bbox", "segm"):
+            _assert_close(ours[t], _pycocotools(gt, results, t))
+            assert ours[t]["AR100"] == pytest.approx(100 * 2 / 3)
+    area_results, _ = annotations_to_results(pred, gt, score_mode="area")
+    assert area_results[0]["score"] == pytest.approx(100 / (H * W))  # area / image area
+    const = evaluate_pseudo_labels(pred, gt)["metrics"]["bbox"]["AP"]
+    by_area = evaluate_pseudo_labels(pred, gt, score_mode="area")["metrics"]["bbox"]["AP"]
+    # constant scores keep file order (the false mask ranks first); by area it ranks last
+    assert by_area > const
+    with pytest.raises(EvaluationInputError, match="score"):
+        annotations_to_results(pred, gt, score_mode="field")
+
+
+def test_pseudo_masks_at_another_resolution_are_resized():
+    gt = _gt([[([20, 40, 100, 60], 1, 0)]])
+    half = np.zeros((H // 2, W // 2), np.uint8, order="F")
+    half[20:50, 10:60] = 1
+    rle = mask_util.encode(half)
+    rle["counts"] = rle["counts"].decode()
+    pred = {"images": [{"id": 1, "file_name": "1.jpg", "height": H // 2, "width": W // 2}],
+            "annotations": [{"id": 1, "image_id": 1, "bbox": [10, 20, 50, 30], "segmentation": rle}]}
+    out = evaluate_pseudo_labels(pred, gt)
+    assert out["info"]["resized_masks"] == 1
+    assert out["results"][0]["bbox"] == pytest.approx([20.0, 40.0, 100.0, 60.0])
+    assert out["metrics"]["segm"]["AP"] == pytest.approx(100.0)
