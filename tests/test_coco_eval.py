@@ -273,3 +273,27 @@ def test_pseudo_masks_at_another_resolution_are_resized():
     assert out["info"]["resized_masks"] == 1
     assert out["results"][0]["bbox"] == pytest.approx([20.0, 40.0, 100.0, 60.0])
     assert out["metrics"]["segm"]["AP"] == pytest.approx(100.0)
+
+
+def test_eval_pseudo_labels_tool_on_a_catalog_dataset(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from cutler.data.catalog import register_dataset
+
+    gt = _gt([[([10, 10, 50, 40], 1, 0)], [([100, 50, 80, 60], 1, 0)]])
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "images").mkdir()
+    register_dataset("test_pseudo_gt", "images", "gt.json", overwrite=True)
+    (tmp_path / "pred.json").write_text(json.dumps(_pseudo_from(gt, drop=(2,))))
+    spec = importlib.util.spec_from_file_location(
+        "eval_pseudo_labels", Path(__file__).resolve().parents[1] / "tools" / "eval_pseudo_labels.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tool.main(["--pred", str(tmp_path / "pred.json"), "--dataset", "test_pseudo_gt", "--root", str(tmp_path),
+                     "--score", "area", "--corloc", "--output", str(tmp_path / "report")])
+    printed = capsys.readouterr().out
+    assert out["metrics"]["bbox"]["AR100"] == pytest.approx(50.0) and "CorLoc: 50.0% (1/2 images)" in printed
+    saved = json.loads((tmp_path / "report" / "metrics_pseudo_labels_test_pseudo_gt.json").read_text())
+    assert saved["metrics"]["segm"]["AP"] == pytest.approx(out["metrics"]["segm"]["AP"])
+    assert saved["score_mode"] == "area" and saved["info"]["matched_images"] == 2

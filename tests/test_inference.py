@@ -70,9 +70,11 @@ class BrightBoxModel(torch.nn.Module):
         return outs
 
 
-def _make_dataset(root, corrupt: bool = True):
-    img_dir = root / "images"
+def _make_dataset(root, corrupt: bool = True, img_dir=None, json_path=None):
+    img_dir = img_dir or root / "images"
+    json_path = json_path or root / "gt.json"
     img_dir.mkdir(parents=True)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     images, anns = [], []
     for i, (w, h, (x, y, bw, bh)) in enumerate(IMAGES):
         arr = np.zeros((h, w, 3), np.uint8)
@@ -89,7 +91,7 @@ def _make_dataset(root, corrupt: bool = True):
         (img_dir / "bad.png").write_bytes(b"not a png at all")
         images.append({"id": 999, "file_name": "bad.png", "height": 10, "width": 10})
     gt = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
-    (root / "gt.json").write_text(json.dumps(gt))
+    json_path.write_text(json.dumps(gt))
     return gt, img_dir
 
 
@@ -180,7 +182,7 @@ def test_resume_after_kill_gives_no_duplicates(tmp_path):
 def test_shards_cover_the_dataset_once_and_the_last_one_merges(tmp_path):
     gt, img_dir = _make_dataset(tmp_path / "data", corrupt=False)
     out = tmp_path / "out"
-    kw = dict(min_size=32, max_size=100, batch_size=2, chunk_size=1, progress=False, world_size=3)
+    kw = dict(min_size=32, max_size=100, batch_size=1, chunk_size=1, progress=False, world_size=3)
     # an orphan results file from a killed run (no done mark) must be ignored
     (out / "chunks").mkdir(parents=True)
     (out / "chunks" / "r0000_000000.results.json").write_text(json.dumps([{"image_id": 100, "bbox": [0, 0, 1, 1],
@@ -193,3 +195,57 @@ def test_shards_cover_the_dataset_once_and_the_last_one_merges(tmp_path):
     ids = [r["image_id"] for r in _load_results(path)]
     assert sorted(ids) == sorted([100 + i for i in range(len(IMAGES))] * 2)
     assert not any(r["bbox"] == [0, 0, 1, 1] for r in _load_results(path))
+
+
+def test_zero_shot_table_evaluates_present_benchmarks_and_skips_the_rest(tmp_path):
+    from cutler.evaluation.zero_shot import run_zero_shot
+
+    root = tmp_path / "datasets"
+    _make_dataset(root, corrupt=False, img_dir=root / "coco" / "val2017",
+                  json_path=root / "coco" / "annotations" / "instances_val2017.json")
+    _make_dataset(root, corrupt=False, img_dir=root / "voc" / "VOC2007" / "JPEGImages",
+                  json_path=root / "voc" / "annotations" / "voc07_trainval_cls_agnostic.json")
+    cfg = load_config(None, ["model.mask_on=true", "input.min_size_test=32", "input.max_size_test=100",
+                             f"datasets.root={root}", f"output_dir={tmp_path / 'out'}",
+                             "dataloader.num_workers=0"])
+    lines = []
+    out = run_zero_shot(BrightBoxModel(), cfg, datasets=["coco_2017_val", "voc07_trainval", "kitti_trainval"],
+                        printer=lines.append)
+    assert set(out["metrics"]) == {"COCO", "VOC"} and set(out["skipped"]) == {"KITTI"}
+    assert any(line.startswith("[skip] KITTI") and "kitti_trainval_cls_agnostic.json" in line for line in lines)
+    assert any("using voc07_trainval" in line for line in lines)  # the 9,963-image file is absent
+    assert out["metrics"]["COCO"]["segm"]["AP50"] == pytest.approx(100.0)
+    assert "segm" not in out["metrics"]["VOC"]  # the VOC benchmark has boxes only
+    assert "average (2/11)" in out["table"] and "21.9" in out["table"] and "24.3" in out["table"]
+    report = json.loads((tmp_path / "out" / "zero_shot" / "zero_shot.json").read_text())
+    assert report["metrics"]["VOC"]["bbox"]["AP50"] == pytest.approx(100.0)
+    md = (tmp_path / "out" / "zero_shot" / "coco_full_row.md").read_text()
+    assert "| CutLER (paper) | 21.9 | 11.8 | 12.3 | 18.9 | 9.2 | 9.7 |" in md
+    assert "| ours | 100.0 | 100.0 |" in md
+
+
+def test_zero_shot_table_average_is_over_evaluated_benchmarks():
+    from cutler.evaluation.zero_shot import BENCHMARKS, select_benchmarks, zero_shot_table
+
+    per = {"COCO": {"bbox": {"AP50": 10.0, "AR100": 20.0}}, "KITTI": {"bbox": {"AP50": 30.0, "AR100": 40.0}}}
+    header, rows = zero_shot_table(per)
+    assert rows[-1][0] == "average (2/11)" and rows[-1][1] == pytest.approx(20.0) and rows[-1][3] == pytest.approx(30.0)
+    assert len(rows) == len(BENCHMARKS) + 1
+    assert [b.label for b in select_benchmarks(["voc07_trainvaltest", "LVIS"])] == ["VOC", "LVIS"]
+    with pytest.raises(KeyError, match="not zero-shot benchmarks"):
+        select_benchmarks(["imagenet_train"])
+
+
+def test_demo_writes_overlays_above_the_confidence(tmp_path):
+    from cutler.evaluation.demo import run_demo
+
+    _, img_dir = _make_dataset(tmp_path / "data")
+    written = run_demo(BrightBoxModel(), [str(img_dir / "0.png"), str(img_dir / "*.png")], tmp_path / "vis",
+                       min_size=32, max_size=100, confidence=0.5)
+    assert [p.name for p in written] == [f"{i}.png" for i in range(len(IMAGES))]  # bad.png skipped, no repeats
+    vis = np.asarray(Image.open(written[0]).convert("RGB"))
+    w, h, (x, y, bw, bh) = IMAGES[0]
+    assert vis.shape == (h, w, 3)
+    # the kept detection's box outline is coloured; the 0.1-score false positive at the corner is not drawn
+    assert (vis[y, x + bw // 2] != [255, 255, 255]).any()
+    assert (vis[1, 1] == 0).all()

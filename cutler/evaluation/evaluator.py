@@ -109,4 +109,32 @@ def evaluate_results_file(results: os.PathLike | str, dataset_name: str, root: O
     return evaluate_coco(gt, results, iou_types=iou_types, max_dets=max_dets)
 
 
-__all__ = ["DatasetMissingError", "evaluate_dataset", "evaluate_results_file", "get_dist_info", "resolve_available"]
+def build_eval_model(cfg: Any, weights: Optional[str] = None, device: Optional[str] = None) -> Any:
+    """The detector of ``cfg`` in eval mode, with ``weights`` (else ``cfg.model.weights``) loaded.
+
+    Without weights the model keeps its random initialisation and a loud warning is logged: useful for
+    smoke tests only, the numbers mean nothing.
+
+    Raises:
+        RuntimeError: this checkout has no detector yet (``cutler.modeling.build``).
+    """
+    try:
+        from ..modeling.build import build_model
+        from ..modeling.checkpoint import load_weights
+    except ImportError as e:
+        raise RuntimeError(f"the detector (cutler.modeling.build / cutler.modeling.checkpoint) is not available "
+                           f"in this checkout: {e}") from e
+    model = build_model(cfg, device=device)
+    path = weights or _cfg_get(cfg, "model.weights", "")
+    if path:
+        load_weights(model, str(path))
+    else:
+        logger.warning("!" * 80)
+        logger.warning("NO WEIGHTS GIVEN: the detector is RANDOMLY INITIALISED; its predictions are noise "
+                       "(use --weights / model.weights for real results)")
+        logger.warning("!" * 80)
+    model.eval()
+    return model
+
+
+__all__ = ["build_eval_model", "DatasetMissingError", "evaluate_dataset", "evaluate_results_file", "get_dist_info", "resolve_available"]

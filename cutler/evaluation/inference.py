@@ -302,31 +302,35 @@ def run_inference(
     seq = _next_seq(output_dir, rank)
     t0, n_done = time.perf_counter(), 0
     try:
-        for start in range(0, len(todo), chunk_size):
-            part = todo[start:start + chunk_size]
-            loader = torch.utils.data.DataLoader(
-                ImageListDataset(part, image_root, min_size, max_size), batch_size=batch_size, shuffle=False,
-                num_workers=num_workers, collate_fn=_collate)
-            ids, results, failures = [], [], []
-            bar = tqdm(total=len(part), desc=f"inference {output_dir.name} [{start}/{len(todo)}]",
-                       disable=not progress or rank != 0, leave=False)
-            for batch in loader:
-                good = [b for b in batch if "error" not in b]
-                for b in batch:
-                    if "error" in b:
-                        logger.warning("skipping unreadable image %s: %s", b["file_name"], b["error"])
-                        failures.append({"image_id": b["image_id"], "file_name": b["file_name"], "reason": b["error"]})
-                if good:
-                    with torch.inference_mode():
-                        outputs = model([{k: b[k] for k in ("image", "height", "width")} for b in good])
-                    for b, out in zip(good, outputs):
-                        results.extend(instances_to_coco_results(out["instances"], b["image_id"], max_dets, with_masks))
-                ids.extend(b["image_id"] for b in batch)
-                bar.update(len(batch))
-            bar.close()
+        # one loader for the whole shard (workers start once); a chunk is committed every chunk_size images
+        loader = torch.utils.data.DataLoader(
+            ImageListDataset(todo, image_root, min_size, max_size), batch_size=batch_size, shuffle=False,
+            num_workers=num_workers, collate_fn=_collate)
+        ids: List[Any] = []
+        results: List[Dict[str, Any]] = []
+        failures: List[Dict[str, Any]] = []
+        bar = tqdm(total=len(todo), desc=f"inference {output_dir.name}", disable=not progress or rank != 0)
+        for batch in loader:
+            good = [b for b in batch if "error" not in b]
+            for b in batch:
+                if "error" in b:
+                    logger.warning("skipping unreadable image %s: %s", b["file_name"], b["error"])
+                    failures.append({"image_id": b["image_id"], "file_name": b["file_name"], "reason": b["error"]})
+            if good:
+                with torch.inference_mode():
+                    outputs = model([{k: b[k] for k in ("image", "height", "width")} for b in good])
+                for b, out in zip(good, outputs):
+                    results.extend(instances_to_coco_results(out["instances"], b["image_id"], max_dets, with_masks))
+            ids.extend(b["image_id"] for b in batch)
+            bar.update(len(batch))
+            if len(ids) >= chunk_size:
+                _write_chunk(output_dir, rank, seq, ids, results, failures)
+                seq, n_done = seq + 1, n_done + len(ids)
+                ids, results, failures = [], [], []
+        if ids:
             _write_chunk(output_dir, rank, seq, ids, results, failures)
-            seq += 1
-            n_done += len(part)
+            n_done += len(ids)
+        bar.close()
     finally:
         if isinstance(model, torch.nn.Module):
             model.train(was_training)
