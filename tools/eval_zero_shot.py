@@ -28,15 +28,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from cutler.evaluation.evaluator import build_eval_model
-    from cutler.evaluation.zero_shot import run_zero_shot
+    from cutler.evaluation.zero_shot import plan_zero_shot, run_zero_shot
     from cutler.utils.logging import get_rank, setup_logger
 
     cfg = config_from_args(args)
     setup_logger(args.output)
-    model = build_eval_model(cfg, args.weights)
     printer = print if get_rank() == 0 else (lambda *a, **k: None)
+    plan, skipped = plan_zero_shot(cfg, args.datasets)
+    if not plan:  # say so before spending time on building the model
+        for label, reason in skipped.items():
+            printer(f"[skip] {label}: {reason}")
+        printer(f"no zero-shot benchmark found under datasets.root={cfg.datasets.root}; see datasets/README.md")
+        return 1
+    model = build_eval_model(cfg, args.weights)
     run_zero_shot(model, cfg, datasets=args.datasets, output_dir=args.output, printer=printer)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -114,6 +114,24 @@ def coco_row(metrics: Optional[Mapping[str, Mapping[str, float]]]) -> Tuple[List
     return header, [["ours"] + pick("bbox") + pick("segm"), ["CutLER (paper)"] + paper]
 
 
+def plan_zero_shot(cfg: Any, datasets: Optional[Sequence[str]] = None, root: Optional[os.PathLike | str] = None
+                   ) -> Tuple[List[Tuple[Benchmark, str]], Dict[str, str]]:
+    """Which benchmarks can run: ``([(benchmark, dataset name on disk)], {label: why skipped})``.
+
+    ``datasets``: labels or catalog names, default ``cfg.eval.datasets``; ``root`` default ``cfg.datasets.root``.
+    """
+    root = root if root is not None else _cfg_get(cfg, "datasets.root", None)
+    names = list(datasets) if datasets else list(_cfg_get(cfg, "eval.datasets", []))
+    plan, skipped = [], {}
+    for bench in select_benchmarks(names):
+        name, reason = find_dataset(bench, root)
+        if name is None:
+            skipped[bench.label] = reason
+        else:
+            plan.append((bench, name))
+    return plan, skipped
+
+
 def run_zero_shot(model: Any, cfg: Any, datasets: Optional[Sequence[str]] = None,
                   output_dir: Optional[os.PathLike | str] = None, root: Optional[os.PathLike | str] = None,
                   printer=print) -> Dict[str, Any]:
@@ -133,16 +151,12 @@ def run_zero_shot(model: Any, cfg: Any, datasets: Optional[Sequence[str]] = None
         ``coco_full_row.{md,csv}``.
     """
     root = root if root is not None else _cfg_get(cfg, "datasets.root", None)
-    names = list(datasets) if datasets else list(_cfg_get(cfg, "eval.datasets", []))
     out = Path(output_dir) if output_dir is not None else Path(_cfg_get(cfg, "output_dir", "output")) / "zero_shot"
+    plan, skipped = plan_zero_shot(cfg, datasets, root)
     per: Dict[str, Dict[str, Any]] = {}
-    skipped: Dict[str, str] = {}
-    for bench in select_benchmarks(names):
-        name, reason = find_dataset(bench, root)
-        if name is None:
-            skipped[bench.label] = reason
-            printer(f"[skip] {bench.label}: {reason}")
-            continue
+    for label, reason in skipped.items():
+        printer(f"[skip] {label}: {reason}")
+    for bench, name in plan:
         if bench.note and name != bench.datasets[0]:
             printer(f"[note] {bench.label}: using {name} ({get_dataset(name, root).json_file.name}); {bench.note}")
         printer(f"[eval] {bench.label}: {name}")
