@@ -249,3 +249,32 @@ def test_demo_writes_overlays_above_the_confidence(tmp_path):
     # the kept detection's box outline is coloured; the 0.1-score false positive at the corner is not drawn
     assert (vis[y, x + bw // 2] != [255, 255, 255]).any()
     assert (vis[1, 1] == 0).all()
+
+
+def _dist_worker(rank, world, init_file, data_dir, out_dir, ret_dir):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        gt = json.loads((data_dir / "gt.json").read_text())
+        model = BrightBoxModel()
+        path = run_inference(model, gt["images"], data_dir / "images", out_dir, min_size=32, max_size=100,
+                             batch_size=1, chunk_size=1, progress=False)
+        (ret_dir / f"{rank}.json").write_text(json.dumps({"path": str(path) if path else None, "calls": model.calls}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_torch_distributed_ranks_shard_and_rank0_merges(tmp_path):
+    import torch.multiprocessing as mp
+
+    _make_dataset(tmp_path / "data")
+    (tmp_path / "ret").mkdir()
+    mp.spawn(_dist_worker, args=(2, tmp_path / "init", tmp_path / "data", tmp_path / "out", tmp_path / "ret"),
+             nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / "ret" / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0["path"] is not None and r1["path"] is None  # rank 0 merges after the barrier
+    assert r0["calls"] + r1["calls"] == len(IMAGES) and r0["calls"] == 3  # ids[0::2] of 6, one unreadable
+    ids = [r["image_id"] for r in _load_results(tmp_path / "out" / RESULTS_FILE)]
+    assert sorted(ids) == sorted([100 + i for i in range(len(IMAGES))] * 2)

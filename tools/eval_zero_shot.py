@@ -28,9 +28,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from cutler.evaluation.evaluator import build_eval_model
+    from cutler.evaluation.inference import init_distributed_from_env
     from cutler.evaluation.zero_shot import plan_zero_shot, run_zero_shot
     from cutler.utils.logging import get_rank, setup_logger
 
+    init_distributed_from_env()  # under torchrun: one GPU per rank, barrier before rank 0 merges
     cfg = config_from_args(args)
     setup_logger(args.output)
     printer = print if get_rank() == 0 else (lambda *a, **k: None)

@@ -146,6 +146,26 @@ def get_dist_info() -> Tuple[int, int]:
     return get_rank(), get_world_size()
 
 
+def init_distributed_from_env(timeout_minutes: float = 180.0) -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE > 1``), pinning this rank to its GPU.
+
+    NCCL on CUDA, else Gloo. The long timeout covers rank 0 evaluating a large benchmark (Objects365)
+    while the other ranks already wait at the next dataset's barrier. Returns whether a group is active.
+    """
+    import datetime
+
+    if _dist_ready():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                         timeout=datetime.timedelta(minutes=timeout_minutes))
+    return True
+
+
 def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
