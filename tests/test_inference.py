@@ -278,3 +278,28 @@ def test_torch_distributed_ranks_shard_and_rank0_merges(tmp_path):
     assert r0["calls"] + r1["calls"] == len(IMAGES) and r0["calls"] == 3  # ids[0::2] of 6, one unreadable
     ids = [r["image_id"] for r in _load_results(tmp_path / "out" / RESULTS_FILE)]
     assert sorted(ids) == sorted([100 + i for i in range(len(IMAGES))] * 2)
+
+
+def test_demo_tool_with_the_real_detector_from_random_weights(tmp_path, caplog):
+    pytest.importorskip("cutler.modeling.build", reason="the detector is not in this checkout yet")
+    import importlib.util
+    from pathlib import Path
+
+    _, img_dir = _make_dataset(tmp_path / "data", corrupt=False)
+    spec = importlib.util.spec_from_file_location("demo_tool", Path(__file__).resolve().parents[1] / "tools" / "demo.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    import logging
+
+    cutler_logger = logging.getLogger("cutler")  # does not propagate to the root logger caplog watches
+    cutler_logger.addHandler(caplog.handler)
+    try:
+        tool.main(["--input", str(img_dir / "0.png"), "--output", str(tmp_path / "vis"), "--confidence", "0",
+                   "--config-file", "tiny/synthetic_cascade", "model.device=cpu", "input.min_size_test=64",
+                   "input.max_size_test=96", "model.rpn.post_nms_topk_test=20"])
+    finally:
+        cutler_logger.removeHandler(caplog.handler)
+    vis = np.asarray(Image.open(tmp_path / "vis" / "0.png").convert("RGB"))
+    assert vis.shape == (IMAGES[0][1], IMAGES[0][0], 3)
+    assert (vis != np.asarray(Image.open(img_dir / "0.png").convert("RGB"))).any()  # detections were drawn
+    assert any("RANDOMLY INITIALISED" in r.getMessage() for r in caplog.records)
