@@ -223,6 +223,15 @@ def test_zero_shot_table_evaluates_present_benchmarks_and_skips_the_rest(tmp_pat
     assert "| CutLER (paper) | 21.9 | 11.8 | 12.3 | 18.9 | 9.2 | 9.7 |" in md
     assert "| ours | 100.0 | 100.0 |" in md
 
+    from cutler.evaluation.zero_shot import run_corloc
+
+    again = BrightBoxModel()
+    c = run_corloc(again, cfg, datasets=["voc07_trainval", "coco20k"], printer=lines.append)
+    assert again.calls == 0  # the zero-shot run's VOC predictions are reused
+    assert c["corloc"]["voc07_trainval"]["corloc"] == pytest.approx(100.0) and set(c["skipped"]) == {"coco20k"}
+    assert json.loads((tmp_path / "out" / "zero_shot" / "voc07_trainval" / "corloc_voc07_trainval.json").read_text()
+                      )["num_images"] == len(IMAGES)
+
 
 def test_zero_shot_table_average_is_over_evaluated_benchmarks():
     from cutler.evaluation.zero_shot import BENCHMARKS, select_benchmarks, zero_shot_table
@@ -303,3 +312,20 @@ def test_demo_tool_with_the_real_detector_from_random_weights(tmp_path, caplog):
     assert vis.shape == (IMAGES[0][1], IMAGES[0][0], 3)
     assert (vis != np.asarray(Image.open(img_dir / "0.png").convert("RGB"))).any()  # detections were drawn
     assert any("RANDOMLY INITIALISED" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_refuses_other_settings_and_keeps_masks(tmp_path):
+    gt, img_dir = _make_dataset(tmp_path / "data", corrupt=False)
+    out = tmp_path / "out"
+    kw = dict(max_size=100, batch_size=1, chunk_size=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_inference(BrightBoxModel(fail_after=2), gt["images"], img_dir, out, min_size=32, with_masks=True, **kw)
+    with pytest.raises(ValueError, match="min_size: 32 -> 40"):
+        run_inference(BrightBoxModel(), gt["images"], img_dir, out, min_size=40, **kw)
+    # a box-only rerun over mask chunks keeps encoding masks, so all chunks stay alike
+    path = run_inference(BrightBoxModel(), gt["images"], img_dir, out, min_size=32, with_masks=False, **kw)
+    assert all("segmentation" in r for r in _load_results(path))
+    box_out = tmp_path / "boxes"
+    run_inference(BrightBoxModel(fail_after=2), gt["images"][:2], img_dir, box_out, min_size=32, with_masks=False, **kw)
+    with pytest.raises(ValueError, match="with_masks"):
+        run_inference(BrightBoxModel(), gt["images"][:2], img_dir, box_out, min_size=32, with_masks=True, **kw)

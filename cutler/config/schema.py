@@ -295,8 +295,7 @@ class EvalConfig:
     batch_size: int = 2
     chunk_size: int = 500  # images per atomically committed result chunk (what a killed run can lose)
     resume: bool = True  # rerun skips images already in committed chunks
-    pseudo_label_score: str = "constant"  # "constant" | "area" | "field": scores given to pseudo-label annotations
-    pseudo_label_constant: float = 1.0  # the score of every annotation when pseudo_label_score="constant"
+    corloc_datasets: List[str] = _list("voc07_trainval", "voc12_trainval", "coco20k")  # single-object discovery
 
 
 @dataclass

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..data.catalog import ResolvedDataset, get_dataset
+from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
 from .coco_eval import evaluate_coco, gt_has_masks, load_json
+from .corloc import corloc
 from .inference import _read_json, get_dist_info, run_inference
-from .report import write_metrics_report
+from .report import json_safe, write_metrics_report
 
 logger = get_logger(__name__)
 
@@ -36,6 +38,29 @@ def _cfg_get(cfg: Any, dotted: str, default: Any) -> Any:
         if node is None:
             return default
     return node
+
+
+def _resolve(cfg: Any, dataset_name: str, output_dir: Optional[os.PathLike | str],
+             root: Optional[os.PathLike | str]) -> Tuple[ResolvedDataset, Dict[str, Any], Path]:
+    ds = resolve_available(dataset_name, root if root is not None else _cfg_get(cfg, "datasets.root", None))
+    out = Path(output_dir) if output_dir is not None else Path(_cfg_get(cfg, "output_dir", "output")) / "inference" / dataset_name
+    return ds, load_json(ds.json_file), out
+
+
+def _infer(model: Any, cfg: Any, ds: ResolvedDataset, gt: Mapping[str, Any], out: Path, with_masks: bool
+           ) -> Optional[Path]:
+    """:func:`run_inference` with the settings of ``cfg``."""
+    return run_inference(
+        model, gt["images"], ds.image_root, out,
+        min_size=int(_cfg_get(cfg, "input.min_size_test", 800)),
+        max_size=int(_cfg_get(cfg, "input.max_size_test", 1333)),
+        batch_size=int(_cfg_get(cfg, "eval.batch_size", 2)),
+        num_workers=int(_cfg_get(cfg, "dataloader.num_workers", 0)),
+        chunk_size=int(_cfg_get(cfg, "eval.chunk_size", 500)),
+        max_dets=int(_cfg_get(cfg, "eval.max_dets", 100)),
+        with_masks=with_masks,
+        resume=bool(_cfg_get(cfg, "eval.resume", True)),
+    )
 
 
 def evaluate_dataset(
@@ -67,23 +92,11 @@ def evaluate_dataset(
     Raises:
         DatasetMissingError: the dataset's JSON or images are not on disk.
     """
-    ds = resolve_available(dataset_name, root if root is not None else _cfg_get(cfg, "datasets.root", None))
-    gt = load_json(ds.json_file)
-    out = Path(output_dir) if output_dir is not None else Path(_cfg_get(cfg, "output_dir", "output")) / "inference" / dataset_name
+    ds, gt, out = _resolve(cfg, dataset_name, output_dir, root)
     mask_on = bool(_cfg_get(cfg, "model.mask_on", False)) and not bool(_cfg_get(cfg, "test.no_segm", False))
     if iou_types is None:
         iou_types = ("bbox", "segm") if mask_on and ds.has_masks and gt_has_masks(gt) else ("bbox",)
-    results_path = run_inference(
-        model, gt["images"], ds.image_root, out,
-        min_size=int(_cfg_get(cfg, "input.min_size_test", 800)),
-        max_size=int(_cfg_get(cfg, "input.max_size_test", 1333)),
-        batch_size=int(_cfg_get(cfg, "eval.batch_size", 2)),
-        num_workers=int(_cfg_get(cfg, "dataloader.num_workers", 0)),
-        chunk_size=int(_cfg_get(cfg, "eval.chunk_size", 500)),
-        max_dets=int(_cfg_get(cfg, "eval.max_dets", 100)),
-        with_masks="segm" in iou_types,
-        resume=bool(_cfg_get(cfg, "eval.resume", True)),
-    )
+    results_path = _infer(model, cfg, ds, gt, out, with_masks="segm" in iou_types)
     if results_path is None:
         return {}
     metrics = evaluate_coco(gt, results_path, iou_types=iou_types, max_dets=int(_cfg_get(cfg, "eval.max_dets", 100)))
@@ -96,6 +109,25 @@ def evaluate_dataset(
         logger.warning("%s: %d images could not be read and have no predictions (see %s)", dataset_name,
                        len(failures), out / "failures.json")
     return metrics
+
+
+def evaluate_corloc_dataset(model: Any, cfg: Any, dataset_name: str, output_dir: Optional[os.PathLike | str] = None,
+                            root: Optional[os.PathLike | str] = None) -> Dict[str, float]:
+    """CorLoc of ``model`` on a catalog dataset (see :mod:`cutler.evaluation.corloc`).
+
+    Runs box-only inference into ``output_dir`` (default ``<cfg.output_dir>/inference/<name>``), so
+    results already computed there for the same dataset by a box-only evaluation are reused.
+    Returns ``{"corloc": %, ...}`` on the merging process, ``{}`` on the others.
+    """
+    ds, gt, out = _resolve(cfg, dataset_name, output_dir, root)
+    results_path = _infer(model, cfg, ds, gt, out, with_masks=False)
+    if results_path is None:
+        return {}
+    result = corloc(gt, results_path)
+    atomic_write_json(out / f"corloc_{dataset_name}.json", {"dataset": dataset_name, **json_safe(result)}, indent=2)
+    logger.info("%s: CorLoc %.1f%% (%d/%d images)", dataset_name, result["corloc"], result["num_correct"],
+                result["num_images"])
+    return result
 
 
 def evaluate_results_file(results: os.PathLike | str, dataset_name: str, root: Optional[os.PathLike | str] = None,
@@ -137,4 +169,4 @@ def build_eval_model(cfg: Any, weights: Optional[str] = None, device: Optional[s
     return model
 
 
-__all__ = ["build_eval_model", "DatasetMissingError", "evaluate_dataset", "evaluate_results_file", "get_dist_info", "resolve_available"]
+__all__ = ["build_eval_model", "evaluate_corloc_dataset", "DatasetMissingError", "evaluate_dataset", "evaluate_results_file", "get_dist_info", "resolve_available"]

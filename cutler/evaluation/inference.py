@@ -35,6 +35,7 @@ from ..utils.logging import get_logger, get_rank, get_world_size
 logger = get_logger(__name__)
 
 RESULTS_FILE = "coco_instances_results.json"
+META_FILE = "inference_settings.json"
 FAILURES_FILE = "failures.json"
 _CHUNK_RE = re.compile(r"^r(\d+)_(\d+)\.done\.json$")
 
@@ -251,6 +252,31 @@ def _write_chunk(output_dir: Path, rank: int, seq: int, image_ids: List[Any], re
     atomic_write_json(stem.with_name(stem.name + ".done.json"), {"image_ids": image_ids, "failures": failures})
 
 
+def _check_settings(output_dir: Path, settings: Dict[str, Any], resume: bool) -> bool:
+    """Refuse to resume chunks made with other settings (mixing them would corrupt the results).
+
+    Another test size, ``max_dets`` or image count, or masks wanted where the chunks have none, raises
+    ``ValueError``. Chunks with masks are resumed with masks even for a box-only run, so every chunk
+    of a folder stays alike. The first run writes ``inference_settings.json``.
+
+    Returns:
+        whether this run must encode masks.
+    """
+    path = output_dir / META_FILE
+    if resume and path.is_file() and finished_chunks(output_dir):
+        old = _read_json(path)
+        bad = [k for k in settings if k != "with_masks" and old.get(k) != settings[k]]
+        if settings["with_masks"] and not old.get("with_masks"):
+            bad.append("with_masks")
+        if bad:
+            changes = ", ".join(f"{k}: {old.get(k)} -> {settings[k]}" for k in bad)
+            raise ValueError(f"{output_dir} holds results made with other settings ({changes}); use another "
+                             f"output folder, or resume=False (eval.resume=false) to start over")
+        return bool(old.get("with_masks"))
+    atomic_write_json(path, settings, indent=1)
+    return settings["with_masks"]
+
+
 # ---------------------------------------------------------------------------------------- inference
 def run_inference(
     model: Callable[[List[Dict[str, Any]]], List[Dict[str, Any]]],
@@ -305,6 +331,8 @@ def run_inference(
     if _dist_ready() and not resume:
         torch.distributed.barrier()
 
+    with_masks = _check_settings(output_dir, {"min_size": min_size, "max_size": max_size, "max_dets": max_dets,
+                                 "with_masks": with_masks, "num_images": len(images)}, resume)
     ordered = sorted(images, key=lambda im: (str(type(im["id"])), im["id"]))
     all_ids = {im["id"] for im in ordered}
     if len(all_ids) != len(ordered):

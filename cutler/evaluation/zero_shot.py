@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..data.catalog import get_dataset
 from ..utils.logging import get_logger
-from .evaluator import DatasetMissingError, _cfg_get, evaluate_dataset, resolve_available
+from .evaluator import DatasetMissingError, _cfg_get, evaluate_corloc_dataset, evaluate_dataset, resolve_available
 from .report import text_table, write_tables
 
 logger = get_logger(__name__)
@@ -172,3 +172,40 @@ def run_zero_shot(model: Any, cfg: Any, datasets: Optional[Sequence[str]] = None
         write_tables(out, "coco_full_row", c_header, c_rows, {"coco": per.get("COCO")}, title="COCO val2017")
     printer(table)
     return {"metrics": per, "skipped": skipped, "table": table}
+
+
+def run_corloc(model: Any, cfg: Any, datasets: Optional[Sequence[str]] = None,
+               output_dir: Optional[os.PathLike | str] = None, root: Optional[os.PathLike | str] = None,
+               printer=print) -> Dict[str, Any]:
+    """CorLoc (single-object discovery) on the available datasets of ``datasets``.
+
+    Args:
+        datasets: catalog names, default ``cfg.eval.corloc_datasets`` (VOC07/VOC12 trainval, COCO20K).
+        output_dir: default ``<cfg.output_dir>/zero_shot``; results go to ``<output_dir>/<name>``, the
+            folders :func:`run_zero_shot` uses, so predictions made there are reused.
+
+    Returns:
+        ``{"corloc": {name: {...}}, "skipped": {name: reason}, "table": str}``; also ``corloc.{json,md,csv}``.
+    """
+    root = root if root is not None else _cfg_get(cfg, "datasets.root", None)
+    names = list(datasets) if datasets else list(_cfg_get(cfg, "eval.corloc_datasets", []))
+    out = Path(output_dir) if output_dir is not None else Path(_cfg_get(cfg, "output_dir", "output")) / "zero_shot"
+    per: Dict[str, Dict[str, float]] = {}
+    skipped: Dict[str, str] = {}
+    for name in names:
+        try:
+            resolve_available(name, root)
+        except DatasetMissingError as e:
+            skipped[name] = str(e)
+            printer(f"[skip] CorLoc {name}: {e}")
+            continue
+        result = evaluate_corloc_dataset(model, cfg, name, output_dir=out / name, root=root)
+        if result:
+            per[name] = result
+    header = ["dataset", "CorLoc", "images", "correct"]
+    rows = [[n, r["corloc"], r["num_images"], r["num_correct"]] for n, r in per.items()]
+    table = "Single-object discovery, CorLoc (%)\n" + text_table(header, rows)
+    if per:
+        write_tables(out, "corloc", header, rows, {"corloc": per, "skipped": skipped}, title="CorLoc")
+    printer(table)
+    return {"corloc": per, "skipped": skipped, "table": table}
