@@ -280,8 +280,9 @@ def test_torch_distributed_ranks_shard_and_rank0_merges(tmp_path):
 
     _make_dataset(tmp_path / "data")
     (tmp_path / "ret").mkdir()
-    mp.spawn(_dist_worker, args=(2, tmp_path / "init", tmp_path / "data", tmp_path / "out", tmp_path / "ret"),
-             nprocs=2, join=True)
+    # fork: the children inherit the imported modules (spawn would import torch twice more, ~10 s)
+    mp.start_processes(_dist_worker, args=(2, tmp_path / "init", tmp_path / "data", tmp_path / "out", tmp_path / "ret"),
+                       nprocs=2, join=True, start_method="fork")
     r0, r1 = (json.loads((tmp_path / "ret" / f"{r}.json").read_text()) for r in (0, 1))
     assert r0["path"] is not None and r1["path"] is None  # rank 0 merges after the barrier
     assert r0["calls"] + r1["calls"] == len(IMAGES) and r0["calls"] == 3  # ids[0::2] of 6, one unreadable
