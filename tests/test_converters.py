@@ -4,8 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +85,16 @@ def test_voc_boxes_sizes_difficult_and_splits(voc_root, tmp_path):
     assert m["AP"] == pytest.approx(100.0)
 
 
-def test_voc_cli_writes_the_same_json(voc_root, tmp_path):
+def test_voc_cli_writes_the_same_json(voc_root, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "datasets"))  # what running the script puts first on sys.path
+    spec = importlib.util.spec_from_file_location("convert_voc", REPO / "datasets" / "convert_voc.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
     out = tmp_path / "cli.json"
-    subprocess.run([sys.executable, str(REPO / "datasets" / "convert_voc.py"), "--root", str(voc_root),
-                    "--splits", "trainval", "test", "--output", str(out)], check=True, capture_output=True)
+    cli.main(["--root", str(voc_root), "--splits", "trainval", "test", "--output", str(out)])
+    assert "3 images, 4 annotations (0 crowd/ignore), 1 category" in capsys.readouterr().out
     assert json.loads(out.read_text())["annotations"] == convert_voc(voc_root, ["trainval", "test"])["annotations"]
 
 
