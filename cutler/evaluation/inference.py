@@ -391,6 +391,10 @@ def run_inference(
         if rank != 0:
             return None
     if finished_image_ids(output_dir) >= all_ids:
+        merged = output_dir / RESULTS_FILE
+        chunks = finished_chunks(output_dir)
+        if n_done == 0 and merged.is_file() and merged.stat().st_mtime >= max(p.stat().st_mtime for p, _ in chunks):
+            return merged  # nothing new since the last merge
         return merge_chunks(output_dir)
     logger.info("rank %d finished its shard; other shards are still running (no merge yet)", rank)
     return None
