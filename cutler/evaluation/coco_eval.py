@@ -124,6 +124,16 @@ def load_class_agnostic_gt(gt: Union[JsonLike, COCO]) -> COCO:
     return build_coco(to_class_agnostic(gt))
 
 
+def load_results(results: Union[str, os.PathLike, Sequence[Mapping[str, Any]]]) -> Sequence[Mapping[str, Any]]:
+    """COCO detection results from a JSON file or as given; raises if they are not a list."""
+    if isinstance(results, (str, os.PathLike)):
+        with open(results, encoding="utf-8") as f:
+            results = json.load(f)
+    if not isinstance(results, (list, tuple)):
+        raise EvaluationInputError(f"results must be a list of detections, got {type(results).__name__}")
+    return results
+
+
 def check_result_image_ids(results: Sequence[Mapping[str, Any]], gt: COCO) -> None:
     """Raise :class:`EvaluationInputError` when predictions name images the ground truth lacks."""
     known = set(gt.getImgIds())
@@ -228,11 +238,7 @@ def evaluate_coco(
         for detections without masks.
     """
     gt_coco = gt if isinstance(gt, COCO) and _is_agnostic(gt) else load_class_agnostic_gt(gt)
-    if isinstance(results, (str, os.PathLike)):
-        with open(results, encoding="utf-8") as f:
-            results = json.load(f)
-    if not isinstance(results, (list, tuple)):
-        raise EvaluationInputError(f"results must be a list of detections, got {type(results).__name__}")
+    results = load_results(results)
     check_result_image_ids(results, gt_coco)
     results = _top_k_per_image(results, max_dets)
     out: Dict[str, Dict[str, float]] = {}

@@ -7,14 +7,12 @@ predictions on images without ground-truth boxes are ignored. Boxes are continuo
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Dict, Mapping, Sequence, Union
 
 import numpy as np
 from pycocotools.coco import COCO
 
-from .coco_eval import JsonLike, check_result_image_ids, load_class_agnostic_gt
+from .coco_eval import JsonLike, check_result_image_ids, load_class_agnostic_gt, load_results
 
 
 def box_iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -42,9 +40,7 @@ def corloc(gt: Union[JsonLike, COCO], results: Union[JsonLike, Sequence[Mapping[
         EvaluationInputError: predictions for image ids the ground truth lacks.
     """
     gt_coco = load_class_agnostic_gt(gt)
-    if isinstance(results, (str, os.PathLike)):
-        with open(results, encoding="utf-8") as f:
-            results = json.load(f)
+    results = load_results(results)
     check_result_image_ids(results, gt_coco)
     top: Dict[Any, Mapping[str, Any]] = {}
     for r in results:  # first of equal scores wins, as a stable sort would keep it

@@ -21,7 +21,6 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
-import numpy as np
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
@@ -37,6 +36,7 @@ from .coco_eval import (
     load_json,
 )
 from .corloc import corloc
+from .inference import encode_masks
 
 logger = get_logger(__name__)
 SCORE_MODES = ("constant", "area", "field")
@@ -121,9 +121,9 @@ def annotations_to_results(
             rle = _segmentation_to_rle(seg, ph, pw)
             if (ph, pw) != (H, W) or list(rle["size"]) != [H, W]:
                 m = cv2.resize(mask_util.decode(rle), (W, H), interpolation=cv2.INTER_NEAREST)
-                rle = mask_util.encode(np.asfortranarray(m))
+                rle = encode_masks(m[None])[0]
                 resized += 1
-            if isinstance(rle["counts"], bytes):
+            elif isinstance(rle["counts"], bytes):
                 rle = {**rle, "counts": rle["counts"].decode("ascii")}
             r["segmentation"] = rle
             area = float(mask_util.area(rle))
