@@ -69,6 +69,10 @@ def test_standard_checkpoint_keys_and_aliases():
         build_roi_heads(_cfg("RROIHeads"), _shapes())
     with pytest.raises(ValueError):  # Detectron2's cascade requires class-agnostic regression
         build_roi_heads(_cfg("CascadeROIHeads", "model.roi_box_head.cls_agnostic_bbox_reg=false"), _shapes())
+    with pytest.raises(ValueError):  # stage 1 is labelled with roi_heads.iou_thresholds: they must agree
+        build_roi_heads(_cfg("CascadeROIHeads", "model.roi_heads.iou_thresholds=[0.6]"), _shapes())
+    with pytest.raises(ValueError):  # options we do not implement are refused, not ignored
+        build_roi_heads(_cfg("StandardROIHeads", "model.roi_box_head.use_sigmoid_ce=true"), _shapes())
 
 
 def test_scale_gradient():

@@ -252,6 +252,14 @@ class ROIHeadsBase(nn.Module):
 def input_shape_args(cfg, input_shape: Dict[str, ShapeSpec]) -> Dict[str, object]:
     """Constructor arguments of :class:`ROIHeadsBase` from the config and the backbone's shapes."""
     rh, bh, mh = cfg.model.roi_heads, cfg.model.roi_box_head, cfg.model.roi_mask_head
+    # Refuse the Detectron2 options this implementation does not have rather than ignore them.
+    if bh.name != "FastRCNNConvFCHead":
+        raise ValueError(f"Unsupported model.roi_box_head.name {bh.name!r}; only FastRCNNConvFCHead")
+    if cfg.model.mask_on and mh.name != "MaskRCNNConvUpsampleHead":
+        raise ValueError(f"Unsupported model.roi_mask_head.name {mh.name!r}; only MaskRCNNConvUpsampleHead")
+    for flag in ("use_sigmoid_ce", "use_fed_loss", "train_on_pred_boxes"):
+        if bh[flag]:
+            raise ValueError(f"model.roi_box_head.{flag}=true is not supported")
     in_features = list(rh.in_features)
     channels = {input_shape[f].channels for f in in_features}
     if len(channels) != 1:

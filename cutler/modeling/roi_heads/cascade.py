@@ -54,6 +54,10 @@ class CascadeROIHeads(ROIHeadsBase):
             raise ValueError("CascadeROIHeads needs model.roi_box_head.cls_agnostic_bbox_reg=true (as Detectron2)")
         ch = cfg.model.roi_box_cascade_head
         ious = list(ch.ious)
+        if abs(ious[0] - cfg.model.roi_heads.iou_thresholds[0]) > 1e-9:
+            # Stage 1 is labelled by the sampler with roi_heads.iou_thresholds; Detectron2 requires both equal.
+            raise ValueError(f"model.roi_box_cascade_head.ious[0] ({ious[0]}) must equal "
+                             f"model.roi_heads.iou_thresholds[0] ({cfg.model.roi_heads.iou_thresholds[0]})")
         weights = [list(w) for w in ch.bbox_reg_weights]
         args = input_shape_args(cfg, input_shape)
         heads = [box_head_from_config(cfg, args["in_channels"]) for _ in ious]

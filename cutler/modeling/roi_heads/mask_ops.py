@@ -7,7 +7,6 @@ mask), then the probability is thresholded with ``>=``. This is the same arithme
 """
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
