@@ -3,7 +3,9 @@
 Image pixel ``(x, y)`` has its centre at ``(x + 0.5, y + 0.5)``; the ``M x M`` mask spans the box
 exactly, its cell ``i`` covering ``[x0 + i w / M, x0 + (i + 1) w / M]``. Each image pixel bilinearly
 samples the mask at its centre (``grid_sample``, ``align_corners=False``, zero padding outside the
-mask), then the probability is thresholded with ``>=``. This is the same arithmetic as Detectron2.
+mask), then the probability is thresholded with ``>=``. This is the same arithmetic as Detectron2: the
+result equals its GPU path (whole image) for any threshold, and its CPU path (which only computes
+the box +- 1 px) for thresholds >= 0.5, where pixels outside the box cannot reach the threshold.
 """
 from __future__ import annotations
 
