@@ -297,3 +297,17 @@ def test_eval_pseudo_labels_tool_on_a_catalog_dataset(tmp_path, capsys):
     saved = json.loads((tmp_path / "report" / "metrics_pseudo_labels_test_pseudo_gt.json").read_text())
     assert saved["metrics"]["segm"]["AP"] == pytest.approx(out["metrics"]["segm"]["AP"])
     assert saved["score_mode"] == "area" and saved["info"]["matched_images"] == 2
+
+
+def test_ground_truth_without_ids_areas_or_boxes_is_completed():
+    gt = _gt([[([10, 20, 30, 40], 1, 0), ([100, 50, 20, 10], 1, 0)]])
+    for a in gt["annotations"]:
+        a["id"] = 7  # duplicated ids
+        a.pop("area")
+    gt["annotations"][1].pop("bbox")  # only the mask is given
+    agn = to_class_agnostic(gt)
+    assert [a["id"] for a in agn["annotations"]] == [1, 2]
+    assert [a["area"] for a in agn["annotations"]] == [1200.0, 200.0]  # mask areas
+    assert agn["annotations"][1]["bbox"] == [100.0, 50.0, 20.0, 10.0]
+    dets = [_det(1, [10, 20, 30, 40], 0.9), _det(1, [100, 50, 20, 10], 0.8)]
+    assert evaluate_coco(gt, dets)["segm"]["AP"] == pytest.approx(100.0)
