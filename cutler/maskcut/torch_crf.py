@@ -108,85 +108,79 @@ class PermutohedralLattice:
         bary[..., 1:] = vs[..., :d].flip(-1) - vs[..., 1:].flip(-1)
         bary[..., 0] = vs[..., d] + (1.0 - vs[..., 0])
 
-        # Vertex keys (first d coordinates): key_r[i] = rem0[i] + r - (d + 1) * [rank_i > d - r].
-        r_idx = torch.arange(d1, device=dev)
+        # Vertex keys (first d coordinates): key_r[i] = rem0[i] + r - (d + 1) * [rank_i > d - r], r = 0..d.
+        # Keys are encoded as int64 codes (mixed radix over coordinates, image index as the most significant digit);
+        # every key and every blur neighbour lies within rem0 -/+ 2(d + 1), which sets the radix.
         rem0_i = rem0[..., :d].to(torch.int64)
-        keys = rem0_i[:, :, None, :] + r_idx[:, None] - d1 * (rank_i[:, :, None, :d] > (d - r_idx)[:, None]).long()
-        # keys: (U, N, d + 1 vertices, d coords)
-
-        # Integer codes: mixed radix over coordinates (padded by d so every blur neighbour is representable),
-        # image index as the most significant digit.
-        lo = keys.reshape(-1, d).amin(0) - d1
-        hi = keys.reshape(-1, d).amax(0) + d1
+        lo = rem0_i.reshape(-1, d).amin(0) - 2 * d1
+        hi = rem0_i.reshape(-1, d).amax(0) + 2 * d1
         radix = (hi - lo + 1).tolist()
         bits = math.log2(max(u, 1)) + sum(math.log2(r) for r in radix)
         if bits > 62:
             raise ValueError(f"lattice key range too large to encode in int64 ({bits:.1f} bits)")
+        mult = [1] * d
+        for i in range(d - 2, -1, -1):
+            mult[i] = mult[i + 1] * radix[i + 1]
         self._lo, self._radix = lo, radix
-        img = torch.arange(u, device=dev)[:, None, None].expand(u, n, d1)
-        codes = self._encode(img.reshape(-1), keys.reshape(-1, d))
-        uniq, inverse = torch.unique(codes, sorted=True, return_inverse=True)
+        self._mult = torch.tensor(mult, dtype=torch.int64, device=dev)
+        img_mult = mult[0] * radix[0]
+        base = torch.arange(u, device=dev)[:, None] * img_mult + ((rem0_i - lo) * self._mult).sum(-1)  # (U, N)
+        total_mult = int(sum(mult))
+        rank_d = rank_i[..., :d]
+        codes = torch.empty(u, n, d1, dtype=torch.int64, device=dev)
+        for r in range(d1):  # d + 1 simplex corners
+            wrap = ((rank_d > d - r).long() * self._mult).sum(-1)
+            codes[..., r] = base + r * total_mult - d1 * wrap
+        uniq, inverse = torch.unique(codes.view(-1), sorted=True, return_inverse=True)
         m = uniq.numel()
         self.num_vertices = m
-        # offsets[p, r]: vertex id of point p's r-th simplex corner; vertex m is a zero "missing" slot.
-        self.offsets = inverse.view(u * n, d1)
-        self.weights = bary.reshape(u * n, d1).contiguous()
+        # offsets[r, p]: vertex id of point p's r-th simplex corner; vertex m is a zero "missing" slot.
+        # Point-major copies for splatting (accumulation order as in pydensecrf), corner-major for slicing.
+        self._splat_index = inverse
+        self._splat_weights = bary.reshape(u * n, d1)
+        self.offsets = inverse.view(u * n, d1).t().contiguous()
+        self.weights = self._splat_weights.t().contiguous()
         self.alpha = float(torch.tensor(1.0, dtype=torch.float32) / (1.0 + torch.tensor(2.0 ** (-d), dtype=torch.float32)))
 
-        # Blur neighbours along each lattice direction j: n1 = key - 1 (+ (d + 1) on coordinate j),
-        # n2 = key + 1 (- (d + 1) on coordinate j); only existing vertices are linked, others read the zero slot.
-        vimg, vkey = self._decode(uniq, d)
+        # Blur neighbours along lattice direction j: n1 = key - 1 (+ (d + 1) on coordinate j), n2 = key + 1
+        # (- (d + 1) on coordinate j); in code space these are constant shifts. Only existing vertices are linked,
+        # others read the zero slot (pydensecrf's hash lookup without insertion).
         nbrs = torch.empty(d1, 2, m, dtype=torch.int64, device=dev)
         for j in range(d1):
-            for s, sign in enumerate((-1, 1)):
-                nk = vkey + sign
-                if j < d:
-                    nk[:, j] -= sign * d1
-                c = self._encode(vimg, nk)
+            shift = total_mult - (d1 * mult[j] if j < d else 0)
+            for s, c in enumerate((uniq - shift, uniq + shift)):
                 pos = torch.searchsorted(uniq, c).clamp_(max=m - 1)
                 nbrs[j, s] = torch.where(uniq[pos] == c, pos, torch.full_like(pos, m))
         self.neighbors = nbrs
-
-    def _encode(self, img: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        code = img.to(torch.int64)
-        for i, r in enumerate(self._radix):
-            code = code * r + (key[:, i] - self._lo[i])
-        return code
-
-    def _decode(self, codes: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = torch.empty(codes.numel(), d, dtype=torch.int64, device=codes.device)
-        c = codes.clone()
-        for i in range(d - 1, -1, -1):
-            r = self._radix[i]
-            key[:, i] = c % r + self._lo[i]
-            c = c // r
-        return c, key
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
         """Splat, blur, slice.
 
         Args:
-            values: ``(U, N, C)`` float32, point-major (``C`` value channels per point).
+            values: ``(C, U, N)`` float32, channel-major (``C`` value channels of each of the ``U * N`` points).
 
         Returns:
-            ``(U, N, C)`` float32 filtered values.
+            ``(C, U, N)`` float32 filtered values.
         """
-        u, n, c = values.shape
+        c = values.shape[0]
         d1 = self.dim + 1
         m = self.num_vertices
-        flat = values.reshape(u * n, c)
-        # Splat in (point, corner) order, matching pydensecrf's accumulation order on CPU.
-        contrib = self.weights[:, :, None] * flat[:, None, :]
-        buf = torch.zeros(m + 1, c, dtype=values.dtype, device=values.device)
-        buf.index_add_(0, self.offsets.reshape(-1), contrib.reshape(-1, c))
+        flat = values.reshape(c, -1)
+        # Splat in (point, corner) order, matching pydensecrf's accumulation order on CPU. Channel-major gathers and
+        # scatters are 1-D per channel, which is what CPU kernels do fastest; on GPU the layout is neutral.
+        contrib = flat[:, :, None] * self._splat_weights
+        buf = torch.zeros(c, m + 1, dtype=values.dtype, device=values.device)
+        buf.index_add_(1, self._splat_index, contrib.reshape(c, -1))
+        new = torch.empty_like(buf)
+        new[:, m] = 0  # the trailing "missing neighbour" slot stays zero
         for j in range(d1):
             nb = self.neighbors[j]
-            new = buf[:m] + 0.5 * (buf[nb[0]] + buf[nb[1]])
-            buf = torch.cat([new, buf[m:]], 0)  # the trailing zero slot stays zero
-        out = (self.weights[:, 0, None] * buf[self.offsets[:, 0]]) * self.alpha
+            torch.add(buf[:, :m], 0.5 * (buf.index_select(1, nb[0]) + buf.index_select(1, nb[1])), out=new[:, :m])
+            buf, new = new, buf
+        out = (self.weights[0] * buf.index_select(1, self.offsets[0])) * self.alpha
         for r in range(1, d1):
-            out = out + (self.weights[:, r, None] * buf[self.offsets[:, r]]) * self.alpha
-        return out.view(u, n, c)
+            out = out + (self.weights[r] * buf.index_select(1, self.offsets[r])) * self.alpha
+        return out.view(values.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -214,13 +208,12 @@ class SeparableGaussian:
         self.radius = radius
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
-        """``(U, N, C)`` -> ``(U, N, C)`` float32 with ``N = H * W`` (row-major pixels)."""
-        u, n, c = values.shape
-        x = values.reshape(u, self.h, self.w, c).permute(0, 3, 1, 2).reshape(u * c, 1, self.h, self.w)
+        """``(C, U, N)`` -> ``(C, U, N)`` float32 with ``N = H * W`` (row-major pixels)."""
+        x = values.reshape(-1, 1, self.h, self.w)
         k = self.taps
         x = F.conv2d(x, k.view(1, 1, 1, -1), padding=(0, self.radius))
         x = F.conv2d(x, k.view(1, 1, -1, 1), padding=(self.radius, 0))
-        return x.reshape(u, c, n).permute(0, 2, 1)
+        return x.view(values.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -231,7 +224,7 @@ class _NormalizedKernel:
 
     def __init__(self, base, num_sets: int, num_points: int, device: torch.device):
         self.base = base
-        ones = torch.ones(num_sets, num_points, 1, dtype=torch.float32, device=device)
+        ones = torch.ones(1, num_sets, num_points, dtype=torch.float32, device=device)
         k1 = base.filter(ones)
         # C++ does this in double and stores float.
         self.norm = (1.0 / torch.sqrt(k1.to(torch.float64) + 1e-20)).to(torch.float32)
@@ -249,7 +242,7 @@ class CRFKernels:
     Attributes:
         num_images: ``U``.
         height, width: image size.
-        gaussian, bilateral: normalised kernels (``apply((U, N, C)) -> (U, N, C)``).
+        gaussian, bilateral: normalised kernels (``apply((C, U, N)) -> (C, U, N)``).
         params: the CRF parameters they were built with.
     """
 
@@ -280,9 +273,7 @@ def build_crf_kernels(images: torch.Tensor, params: CRFParams = CRFParams(), gau
     ys, xs = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32),
                             torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
     if gaussian == "lattice":
-        pos = torch.stack([xs / float(params.gaussian_sxy), ys / float(params.gaussian_sxy)], -1).reshape(1, n, 2)
-        gbase = PermutohedralLattice(pos)  # image-independent: one lattice, broadcast over images below
-        gbase = _Broadcast(gbase, u)
+        gbase = _Broadcast(_spatial_lattice(h, w, float(params.gaussian_sxy), dev), u)
     elif gaussian == "exact":
         gbase = SeparableGaussian(h, w, float(params.gaussian_sxy), u, dev)
     else:
@@ -294,6 +285,23 @@ def build_crf_kernels(images: torch.Tensor, params: CRFParams = CRFParams(), gau
     return CRFKernels(u, h, w, _NormalizedKernel(gbase, u, n, dev), _NormalizedKernel(bbase, u, n, dev), params)
 
 
+_SPATIAL_CACHE: dict = {}
+
+
+def _spatial_lattice(h: int, w: int, sxy: float, device: torch.device) -> PermutohedralLattice:
+    """The Gaussian kernel's lattice depends only on (H, W, sxy): build it once per size and device."""
+    key = (h, w, sxy, str(device))
+    lat = _SPATIAL_CACHE.get(key)
+    if lat is None:
+        ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                                torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+        lat = PermutohedralLattice(torch.stack([xs / sxy, ys / sxy], -1).reshape(1, h * w, 2))
+        if len(_SPATIAL_CACHE) >= 4:  # a handful of sizes at most in practice; bound the memory anyway
+            _SPATIAL_CACHE.pop(next(iter(_SPATIAL_CACHE)))
+        _SPATIAL_CACHE[key] = lat
+    return lat
+
+
 class _Broadcast:
     """Apply a single-set filter to ``U`` sets by folding them into channels (the spatial lattice is shared)."""
 
@@ -301,9 +309,8 @@ class _Broadcast:
         self.base, self.num_sets = base, num_sets
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
-        u, n, c = values.shape
-        x = values.permute(1, 0, 2).reshape(1, n, u * c)
-        return self.base.filter(x).reshape(n, u, c).permute(1, 0, 2)
+        c, u, n = values.shape
+        return self.base.filter(values.reshape(c * u, 1, n)).view(c, u, n)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -377,22 +384,23 @@ def dense_crf_inference(unary: torch.Tensor, images: torch.Tensor | None = None,
     lf = L - 1 if complement and L > 1 else L  # filtered label channels per mask
     slot, kmax = _pack_slots(image_index, u)
 
-    neg_u = -(unary.to(torch.float32).reshape(b, L, n).permute(0, 2, 1))  # (B, N, L), point-major
-    q = torch.softmax(neg_u, dim=-1)
+    neg_u = -unary.to(torch.float32).reshape(b, L, n)
+    q = torch.softmax(neg_u, dim=1)
     terms = [(kernels.gaussian, float(params.gaussian_compat)), (kernels.bilateral, float(params.bilateral_compat))]
-    packed = torch.zeros(u, n, kmax, lf, dtype=torch.float32, device=dev)
+    # Masks of one image become value channels of that image's lattice: (slot, label, image, pixel).
+    packed = torch.zeros(kmax, lf, u, n, dtype=torch.float32, device=dev)
     for _ in range(int(params.num_iters)):
-        packed[image_index, :, slot, :] = q[..., :lf]
+        packed[slot, :, image_index, :] = q[:, :lf]
         logits = neg_u
         for kern, wgt in terms:
-            msg = kern.apply(packed.view(u, n, kmax * lf)).view(u, n, kmax, lf)[image_index, :, slot, :]
+            msg = kern.apply(packed.view(kmax * lf, u, n)).view(kmax, lf, u, n)[slot, :, image_index, :]
             if lf < L:
-                last = kern.of_ones[image_index] - msg.sum(-1, keepdim=True)
-                msg = torch.cat([msg, last], -1)
+                last = kern.of_ones[0, image_index][:, None] - msg.sum(1, keepdim=True)
+                msg = torch.cat([msg, last], 1)
             # pydensecrf: tmp -= PottsCompatibility(w) applied to the kernel output, i.e. tmp -= (-w) * Kn(Q).
             logits = logits - (-wgt) * msg
-        q = torch.softmax(logits, dim=-1)
-    return q.permute(0, 2, 1).reshape(b, L, h, w)
+        q = torch.softmax(logits, dim=1)
+    return q.view(b, L, h, w)
 
 
 def masks_to_unary(masks: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
