@@ -66,6 +66,13 @@ class PermutohedralLattice:
             raise ValueError(f"features must be (U, N, d), got {tuple(features.shape)}")
         feats = features.to(torch.float32)
         u, n, d = feats.shape
+        # pydensecrf's SSE build processes points in blocks of 4 and pads the last block with all-zero feature
+        # vectors; those phantom points are never splatted or sliced, but their simplex vertices are inserted into
+        # the lattice and relay values during blurring. Reproduce that with one zero point per set.
+        n_phantom = 1 if n % 4 else 0
+        if n_phantom:
+            feats = torch.cat([feats, feats.new_zeros(u, 1, d)], 1)
+        n_all = n + n_phantom
         dev = feats.device
         self.num_sets, self.num_points, self.dim = u, n, d
         d1 = d + 1
@@ -74,8 +81,8 @@ class PermutohedralLattice:
         inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * d1, dtype=torch.float32))
         scale = torch.tensor([1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev for i in range(d)],
                              dtype=torch.float32, device=dev)
-        elevated = torch.empty(u, n, d1, dtype=torch.float32, device=dev)
-        sm = torch.zeros(u, n, dtype=torch.float32, device=dev)
+        elevated = torch.empty(u, n_all, d1, dtype=torch.float32, device=dev)
+        sm = torch.zeros(u, n_all, dtype=torch.float32, device=dev)
         for j in range(d, 0, -1):  # loop over the (few) feature dimensions, not over points
             cf = feats[..., j - 1] * scale[j - 1]
             elevated[..., j] = sm - float(j) * cf
@@ -127,7 +134,7 @@ class PermutohedralLattice:
         base = torch.arange(u, device=dev)[:, None] * img_mult + ((rem0_i - lo) * self._mult).sum(-1)  # (U, N)
         total_mult = int(sum(mult))
         rank_d = rank_i[..., :d]
-        codes = torch.empty(u, n, d1, dtype=torch.int64, device=dev)
+        codes = torch.empty(u, n_all, d1, dtype=torch.int64, device=dev)
         for r in range(d1):  # d + 1 simplex corners
             wrap = ((rank_d > d - r).long() * self._mult).sum(-1)
             codes[..., r] = base + r * total_mult - d1 * wrap
@@ -136,8 +143,9 @@ class PermutohedralLattice:
         self.num_vertices = m
         # offsets[r, p]: vertex id of point p's r-th simplex corner; vertex m is a zero "missing" slot.
         # Point-major copies for splatting (accumulation order as in pydensecrf), corner-major for slicing.
+        inverse = inverse.view(u, n_all, d1)[:, :n].reshape(-1)
         self._splat_index = inverse
-        self._splat_weights = bary.reshape(u * n, d1)
+        self._splat_weights = bary[:, :n].reshape(u * n, d1)
         self.offsets = inverse.view(u * n, d1).t().contiguous()
         self.weights = self._splat_weights.t().contiguous()
         self.alpha = float(torch.tensor(1.0, dtype=torch.float32) / (1.0 + torch.tensor(2.0 ** (-d), dtype=torch.float32)))
