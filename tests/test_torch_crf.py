@@ -200,7 +200,8 @@ def test_fidelity_natural_like(size):
     ious, ref = _agreement(cases)
     assert np.mean(ious) >= 0.98 and min(ious) >= 0.95, ious
     assert min(ious) >= 0.999  # measured: identical up to float rounding
-    assert all(r.any() for r in ref)
+    # the cases are not degenerate: most reference masks are neither empty nor full
+    assert sum(bool(r.any() and not r.all()) for r in ref) >= len(ref) - 2
 
 
 def test_fidelity_exact_gaussian_option():
