@@ -360,7 +360,8 @@ def dense_crf_inference(unary: torch.Tensor, images: torch.Tensor | None = None,
     Args:
         unary: ``(B, L, H, W)`` float unary energies (``-log p``).
         images: ``(U, H, W, 3)`` uint8 RGB; ``U == B`` when ``image_index`` is None. Ignored if ``kernels`` given.
-        params: CRF parameters (iterations, kernel widths, Potts weights).
+        params: CRF parameters (iterations, kernel widths, Potts weights); when ``kernels`` is given, the parameters
+            it was built with are used instead.
         image_index: ``(B,)`` int64, image of each batch element (masks of one image share its lattices).
         kernels: prebuilt :func:`build_crf_kernels` output for the images (reuse across calls).
         gaussian: spatial kernel, ``"lattice"`` (as pydensecrf) or ``"exact"``; only used when building kernels.
@@ -388,6 +389,8 @@ def dense_crf_inference(unary: torch.Tensor, images: torch.Tensor | None = None,
             raise ValueError(f"{u} images for {b} unaries: pass image_index")
         image_index = torch.arange(b, device=dev)
     image_index = image_index.to(dev, torch.int64)
+    if image_index.shape != (b,):
+        raise ValueError(f"image_index must be ({b},), got {tuple(image_index.shape)}")
     n = h * w
     lf = L - 1 if complement and L > 1 else L  # filtered label channels per mask
     slot, kmax = _pack_slots(image_index, u)
