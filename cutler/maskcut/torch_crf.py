@@ -133,11 +133,12 @@ class PermutohedralLattice:
         img_mult = mult[0] * radix[0]
         base = torch.arange(u, device=dev)[:, None] * img_mult + ((rem0_i - lo) * self._mult).sum(-1)  # (U, N)
         total_mult = int(sum(mult))
-        rank_d = rank_i[..., :d]
-        codes = torch.empty(u, n_all, d1, dtype=torch.int64, device=dev)
-        for r in range(d1):  # d + 1 simplex corners
-            wrap = ((rank_d > d - r).long() * self._mult).sum(-1)
-            codes[..., r] = base + r * total_mult - d1 * wrap
+        # wrap_r = sum_i mult_i [rank_i >= d + 1 - r]: scatter mult_i to its rank, then a suffix sum over ranks.
+        by_rank = torch.zeros(u, n_all, d1 + 1, dtype=torch.int64, device=dev)
+        by_rank.scatter_add_(-1, rank_i[..., :d], self._mult.expand(u, n_all, d))
+        suffix = by_rank.flip(-1).cumsum(-1).flip(-1)  # suffix[k] = sum over ranks >= k (suffix[d + 1] = 0)
+        r_idx = torch.arange(d1, device=dev)
+        codes = base[..., None] + r_idx * total_mult - d1 * suffix[..., d1 - r_idx]
         uniq, inverse = torch.unique(codes.view(-1), sorted=True, return_inverse=True)
         m = uniq.numel()
         self.num_vertices = m
@@ -153,12 +154,18 @@ class PermutohedralLattice:
         # Blur neighbours along lattice direction j: n1 = key - 1 (+ (d + 1) on coordinate j), n2 = key + 1
         # (- (d + 1) on coordinate j); in code space these are constant shifts. Only existing vertices are linked,
         # others read the zero slot (pydensecrf's hash lookup without insertion).
-        nbrs = torch.empty(d1, 2, m, dtype=torch.int64, device=dev)
+        # n1 along j is the inverse of n2 along j (key + 1 - (d + 1) e_j and key - 1 + (d + 1) e_j undo each other),
+        # so one search per direction suffices.
+        nbrs = torch.full((d1, 2, m + 1), m, dtype=torch.int64, device=dev)
+        src = torch.arange(m, device=dev)
         for j in range(d1):
             shift = total_mult - (d1 * mult[j] if j < d else 0)
-            for s, c in enumerate((uniq - shift, uniq + shift)):
-                pos = torch.searchsorted(uniq, c).clamp_(max=m - 1)
-                nbrs[j, s] = torch.where(uniq[pos] == c, pos, torch.full_like(pos, m))
+            c = uniq + shift
+            pos = torch.searchsorted(uniq, c).clamp_(max=m - 1)
+            found = uniq[pos] == c
+            nbrs[j, 1, :m] = torch.where(found, pos, torch.full_like(pos, m))
+            nbrs[j, 0, pos[found]] = src[found]
+        nbrs = nbrs[..., :m].contiguous()
         self.neighbors = nbrs
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
