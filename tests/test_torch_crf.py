@@ -188,6 +188,24 @@ def test_marginals_match_pydensecrf(complement):
     assert (ref.argmax(0) != unary[0].numpy().argmin(0)).sum() > 20
 
 
+def test_three_labels_odd_size_match_pydensecrf():
+    """General ``L`` (complement path with 2 filtered channels) at an odd pixel count (phantom lattice point)."""
+    h, w = 37, 45
+    img = _image(h, w, seed=8)
+    rng = np.random.default_rng(9)
+    logits = torch.nn.functional.interpolate(torch.from_numpy(rng.normal(0, 1.5, (1, 3, 5, 6))), size=(h, w),
+                                             mode="bilinear", align_corners=False)
+    unary = (-torch.log_softmax(logits, 1)).float()[0]
+    crf = dcrf.DenseCRF2D(w, h, 3)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary.reshape(3, -1).numpy()))
+    crf.addPairwiseGaussian(sxy=3, compat=7)
+    crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.ascontiguousarray(img), compat=10)
+    ref = np.asarray(crf.inference(10)).reshape(3, h, w)
+    q = tc.dense_crf_inference(unary[None], torch.from_numpy(img)[None])[0].numpy()
+    assert np.abs(q - ref).max() < 2e-5
+    assert (q.argmax(0) != unary.numpy().argmin(0)).sum() > 20  # the pairwise terms matter here
+
+
 def _agreement(cases, gaussian="lattice"):
     ref = bench.run_pydensecrf(cases)
     got = bench.run_torch(cases, "cpu", gaussian=gaussian)
