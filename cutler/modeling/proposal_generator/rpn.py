@@ -22,6 +22,15 @@ from ..sampling import subsample_labels
 from ..shape_spec import ShapeSpec
 
 
+def flatten_predictions(logits: List[Tensor], deltas: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    """Per level ``(N, A, Hi, Wi)`` logits -> ``(N, Hi*Wi*A)`` and ``(N, 4A, Hi, Wi)`` deltas ->
+    ``(N, Hi*Wi*A, 4)``, matching the anchor generator's order (location-major, then cell anchor)."""
+    flat_logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
+    flat_deltas = [x.view(x.shape[0], -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
+                   for x in deltas]
+    return flat_logits, flat_deltas
+
+
 class StandardRPNHead(nn.Module):
     """Shared 3x3 conv + ReLU, then 1x1 convs for A objectness logits and 4A box deltas per location.
 
@@ -209,10 +218,7 @@ class RPN(nn.Module):
         """
         feats = [features[f] for f in self.in_features]
         anchors = self.anchor_generator(feats)
-        logits, deltas = self.rpn_head(feats)
-        n = feats[0].shape[0]
-        logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
-        deltas = [x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2) for x in deltas]
+        logits, deltas = flatten_predictions(*self.rpn_head(feats))
         losses: Dict[str, Tensor] = {}
         if self.training:
             if gt_boxes is None:
