@@ -168,7 +168,7 @@ class GeneralizedRCNN(_DetectorBase):
         if self.mask_on:
             if "mask_probs" not in result:
                 raise KeyError("mask_on=True but the ROI heads returned no 'mask_probs'")
-            from ..roi_heads.mask_head import paste_masks_in_image
+            from ..roi_heads import paste_masks_in_image
 
             out["masks"] = paste_masks_in_image(result["mask_probs"][keep].float(), out["boxes"], output_hw,
                                                 threshold=self.mask_threshold)
