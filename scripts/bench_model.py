@@ -29,7 +29,7 @@ import time
 
 import torch
 
-HEIGHT, WIDTH, NUM_GT = 800, 1066, 8
+HEIGHT, WIDTH, NUM_GT = int(os.environ.get("BENCH_H", 800)), int(os.environ.get("BENCH_W", 1066)), 8
 
 
 def _rss_mb() -> float:
