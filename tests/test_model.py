@@ -127,3 +127,53 @@ def test_proposal_network_is_deterministic_on_cpu_and_channels_last_matches():
 def test_build_model_rejects_unknown_meta_architecture():
     with pytest.raises(ValueError, match="meta_architecture"):
         build_model(load_config(None, SMALL + ["model.meta_architecture=RetinaNet"]))
+
+
+# ------------------------------------------------------------------- full model (with the ROI heads)
+CASCADE = SMALL + ["model.mask_on=true", "model.roi_heads.name=CascadeROIHeads", "model.roi_heads.num_classes=1",
+                   "model.roi_heads.batch_size_per_image=64", "model.roi_box_head.num_fc=2",
+                   "model.roi_box_head.pooler_resolution=7", "model.roi_box_head.cls_agnostic_bbox_reg=true",
+                   "model.roi_mask_head.num_conv=4", "model.roi_heads.score_thresh_test=0.0"]
+
+
+@pytest.fixture(scope="module")
+def cascade_model():
+    torch.manual_seed(0)
+    return build_model(load_config(None, CASCADE))
+
+
+def test_full_model_has_the_published_detectron2_keys(cascade_model):
+    keys = set(cascade_model.state_dict())
+    published = {
+        "backbone.bottom_up.res2.0.conv1.weight", "backbone.bottom_up.res2.0.conv1.norm.weight",
+        "backbone.fpn_lateral2.weight", "backbone.fpn_output2.weight", "proposal_generator.rpn_head.conv.weight",
+        "proposal_generator.rpn_head.objectness_logits.weight", "proposal_generator.rpn_head.anchor_deltas.weight",
+        "roi_heads.box_head.0.fc1.weight", "roi_heads.box_predictor.0.cls_score.weight",
+        "roi_heads.box_predictor.0.bbox_pred.weight", "roi_heads.mask_head.mask_fcn1.weight",
+        "roi_heads.mask_head.deconv.weight", "roi_heads.mask_head.predictor.weight"}
+    assert published <= keys
+    assert not any(k.startswith(("pixel_", "proposal_generator.anchor_generator")) for k in keys)
+
+
+def test_full_model_eval_and_train_contract(cascade_model):
+    model = cascade_model
+    torch.manual_seed(1)
+    img = torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)
+    model.eval()
+    inst = model([{"image": img, "height": 128, "width": 150}])[0]["instances"]
+    assert set(inst) == {"boxes", "scores", "classes", "masks"}
+    n = inst["boxes"].shape[0]
+    assert 0 < n <= 100 and inst["scores"].shape == (n,) and inst["classes"].dtype == torch.int64
+    assert inst["masks"].shape == (n, 128, 150) and inst["masks"].dtype == torch.bool
+    assert (inst["boxes"][:, 2] <= 150).all() and (inst["boxes"][:, 3] <= 128).all()
+    model.train()
+    masks = torch.zeros(1, 64, 96, dtype=torch.bool)
+    masks[0, 10:40, 20:70] = True
+    losses = model([{"image": img, "instances": {"boxes": torch.tensor([[20.0, 10, 70, 40]]),
+                                                 "classes": torch.tensor([0]), "masks": masks}}])
+    assert {"loss_rpn_cls", "loss_rpn_loc", "loss_mask"} <= set(losses)
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.proposal_generator.rpn_head.conv.weight.grad is not None
+    assert model.backbone.bottom_up.stem.conv1.weight.grad is not None
+    model.zero_grad(set_to_none=True)
