@@ -57,7 +57,7 @@ class FPN(nn.Module):
         self.top_block = top_block
         self.fuse_type = fuse_type
         use_bias = norm == ""
-        lateral, output = [], []
+        levels = []
         for stride, cin in zip(strides, channels):
             level = int(math.log2(stride))
             lat = Conv2d(cin, out_channels, kernel_size=1, bias=use_bias, norm=get_norm(norm, out_channels))
@@ -67,12 +67,10 @@ class FPN(nn.Module):
             c2_xavier_fill(out)
             self.add_module(f"fpn_lateral{level}", lat)
             self.add_module(f"fpn_output{level}", out)
-            lateral.append(lat)
-            output.append(out)
-        # Stored top-down (coarsest first) as plain lists, so the registered names above stay the
-        # only state-dict keys.
-        self._lateral = lateral[::-1]
-        self._output = output[::-1]
+            levels.append(level)
+        # Top-down order (coarsest first); modules are looked up by name so that module copies
+        # (DataParallel replicas, deepcopy) stay consistent and the names above are the only keys.
+        self._levels_top_down = levels[::-1]
         self._out_feature_strides = {f"p{int(math.log2(s))}": s for s in strides}
         if top_block is not None:
             last = int(math.log2(strides[-1]))
@@ -92,9 +90,11 @@ class FPN(nn.Module):
         Returns ``{"p2": (N, 256, H/4, W/4), ..., "p6": (N, 256, H/64, W/64)}``."""
         bottom_up = self.bottom_up(x)
         feats = [bottom_up[f] for f in self.in_features[::-1]]
-        prev = self._lateral[0](feats[0])
-        results = [self._output[0](prev)]
-        for feat, lat, out in zip(feats[1:], self._lateral[1:], self._output[1:]):
+        lateral = [getattr(self, f"fpn_lateral{k}") for k in self._levels_top_down]
+        output = [getattr(self, f"fpn_output{k}") for k in self._levels_top_down]
+        prev = lateral[0](feats[0])
+        results = [output[0](prev)]
+        for feat, lat, out in zip(feats[1:], lateral[1:], output[1:]):
             top_down = F.interpolate(prev, scale_factor=2.0, mode="nearest")
             prev = lat(feat) + top_down
             if self.fuse_type == "avg":
