@@ -159,6 +159,20 @@ def test_caffe2_pickle_loads_into_backbone(tmp_path, source, target):
     assert result.missing_keys and all(not k.startswith(prefix) for k in result.missing_keys)
 
 
+def test_caffe2_affine_only_bn_gets_detectron2_default_statistics(tmp_path, target):
+    # MSRA Caffe2 ResNets store only the folded scale/shift (_bn_s, _bn_b); Detectron2 then uses
+    # running_mean 0 and running_var 1 (so the scale is w / sqrt(1 + eps)).
+    blobs = {"res_conv1_bn_s": np.full(64, 2.0, np.float32), "res_conv1_bn_b": np.full(64, 0.5, np.float32)}
+    path = tmp_path / "affine_only.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(blobs, f, protocol=2)
+    result = load_weights(target, str(path))
+    norm = target.backbone.bottom_up.stem.conv1.norm
+    assert torch.equal(norm.weight, torch.full((64,), 2.0)) and torch.equal(norm.bias, torch.full((64,), 0.5))
+    assert torch.equal(norm.running_mean, torch.zeros(64)) and torch.equal(norm.running_var, torch.ones(64))
+    assert "backbone.bottom_up.stem.conv1.norm.running_var" in result.missing_keys  # absent from the file
+
+
 def test_backbone_only_detectron2_pickle_gets_bottom_up_prefix(tmp_path, source, target):
     prefix = "backbone.bottom_up."
     state = {k[len(prefix):]: v.numpy() for k, v in source.state_dict().items() if k.startswith(prefix)}

@@ -50,6 +50,17 @@ class FrozenBatchNorm2d(nn.Module):
                               unexpected_keys, error_msgs):
         # BatchNorm checkpoints carry a step counter that has no meaning here.
         state_dict.pop(prefix + "num_batches_tracked", None)
+        version = local_metadata.get("version", None)
+        if version is None or version < 2:
+            # Detectron2's rule for state dicts without version metadata (e.g. Caffe2 pickles that only
+            # hold the affine scale/shift): absent statistics become mean 0 and var 1 (not 1 - eps).
+            if prefix + "running_mean" not in state_dict:
+                state_dict[prefix + "running_mean"] = torch.zeros_like(self.running_mean)
+            if prefix + "running_var" not in state_dict:
+                state_dict[prefix + "running_var"] = torch.ones_like(self.running_var)
+        elif version < 3 and prefix + "running_var" in state_dict:
+            # Version-2 FrozenBN used running_var without +eps.
+            state_dict[prefix + "running_var"] = state_dict[prefix + "running_var"] - self.eps
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
