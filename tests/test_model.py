@@ -177,3 +177,19 @@ def test_full_model_eval_and_train_contract(cascade_model):
     assert model.proposal_generator.rpn_head.conv.weight.grad is not None
     assert model.backbone.bottom_up.stem.conv1.weight.grad is not None
     model.zero_grad(set_to_none=True)
+
+
+def test_amp_dtype_from_config_and_cpu_path_stays_float32():
+    import contextlib
+
+    from cutler.modeling.build import amp_dtype_from_cfg
+
+    assert amp_dtype_from_cfg(load_config(None, [])) is None
+    assert amp_dtype_from_cfg(load_config(None, ["solver.amp.enabled=true", "solver.amp.dtype=bfloat16"])) \
+        is torch.bfloat16
+    assert amp_dtype_from_cfg(load_config(None, ["solver.amp.enabled=true"])) is torch.float16
+    with pytest.raises(ValueError, match="solver.amp.dtype"):
+        amp_dtype_from_cfg(load_config(None, ["solver.amp.enabled=true", "solver.amp.dtype=int8"]))
+    model = _stub_model([])
+    model.amp_dtype = torch.float16
+    assert isinstance(model._autocast(), contextlib.nullcontext)  # CPU: deterministic float32 path
