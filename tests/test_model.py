@@ -48,13 +48,23 @@ class _StubROIHeads(nn.Module):
         return self.results, {}
 
 
-def _stub_model(results, mask_on=False, *extra):
-    cfg = load_config(None, SMALL + list(extra))
-    torch.manual_seed(0)
-    backbone = build_backbone(cfg)
-    return GeneralizedRCNN(backbone=backbone, proposal_generator=build_rpn(cfg, backbone.output_shape()),
-                           roi_heads=_StubROIHeads(results), pixel_mean=[10.0, 20.0, 30.0], pixel_std=[2.0, 4.0, 5.0],
-                           mask_on=mask_on)
+_STUB_CACHE = {}
+
+
+def _stub_model(results, mask_on=False):
+    """A GeneralizedRCNN over a stub ROI head; the R-50 backbone is built once per test session."""
+    if "model" not in _STUB_CACHE:
+        cfg = load_config(None, SMALL)
+        torch.manual_seed(0)
+        backbone = build_backbone(cfg)
+        _STUB_CACHE["model"] = GeneralizedRCNN(
+            backbone=backbone, proposal_generator=build_rpn(cfg, backbone.output_shape()),
+            roi_heads=_StubROIHeads([]), pixel_mean=[10.0, 20.0, 30.0], pixel_std=[2.0, 4.0, 5.0])
+    model = _STUB_CACHE["model"]
+    model.roi_heads.results, model.roi_heads.calls = results, []
+    model.mask_on, model.input_format, model.amp_dtype = mask_on, "RGB", None
+    model.zero_grad(set_to_none=True)
+    return model
 
 
 def test_preprocess_normalises_rgb_then_pads_with_zero():
@@ -72,7 +82,7 @@ def test_preprocess_normalises_rgb_then_pads_with_zero():
 def test_inference_postprocess_rescales_to_original_size_and_pastes_masks():
     result = {"boxes": torch.tensor([[8.0, 4, 24, 20], [60, 0, 70, 10]]), "scores": torch.tensor([0.9, 0.4]),
               "classes": torch.tensor([0, 0]), "mask_probs": torch.ones(2, 28, 28)}
-    model = _stub_model([result], True).eval()
+    model = _stub_model([result], mask_on=True).eval()
     out = model([{"image": torch.zeros(3, 40, 60, dtype=torch.uint8), "height": 80, "width": 90}])
     inst = out[0]["instances"]
     # scale x 90/60 = 1.5, y 80/40 = 2; the second box starts past the image and is removed as empty.
