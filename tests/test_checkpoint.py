@@ -69,6 +69,15 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path, target):
         restricted_pickle_load(io.BytesIO(pickle.dumps(eval)))  # a bare reference is refused too
 
 
+def test_pth_with_arbitrary_objects_is_refused(tmp_path, target):
+    marker = tmp_path / "pwned_pth"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "trainer": _Evil(marker)}, path)
+    with pytest.raises(UnsafePickleError, match="weights_only"):
+        load_weights(target, str(path))
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_numpy_pickles_load_with_every_protocol(protocol):
     data = {"model": {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float64(2.5),

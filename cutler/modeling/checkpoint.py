@@ -141,7 +141,13 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
             author, fmt = "Caffe2", "caffe2"
         extra = {}
     else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafePickleError(
+                f"'{path}' contains objects that torch.load(weights_only=True) refuses to load (arbitrary "
+                f"Python objects are never unpickled here). Re-save only the weights, e.g. "
+                f"torch.save({{'model': state_dict}}, path), in an environment you trust. Details: {e}") from e
         if not isinstance(data, Mapping):
             raise ValueError(f"'{path}': expected a dict, got {type(data).__name__}")
         for wrapper in ("model", "state_dict"):
