@@ -2,7 +2,8 @@
 """Throughput and peak memory of our detector vs torchvision's Mask R-CNN R50-FPN, same run, same inputs.
 
 Measures, for each batch size: forward (eval, no grad) and forward+backward (train losses summed,
-``backward()``) images/s, and peak memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS
+``backward()``) images/s (wall clock), CPU seconds per image (``time.process_time``, all threads; on a
+shared machine this is the fairer comparison), and peak memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS
 of a fresh subprocess per measurement, minus its RSS once the model is built, i.e. the memory the
 step itself needs).
 
@@ -126,18 +127,19 @@ def measure(impl: str, parts: str, batch: int, train: bool, iters: int, warmup: 
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(iters):
         model.step(images, targets, train)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0  # all threads of this process: robust to other jobs on a shared CPU
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = _peak_rss_mb() - base_rss
     return {"impl": impl, "parts": parts, "batch": batch, "mode": "fwd+bwd" if train else "fwd",
-            "img_per_s": batch * iters / dt, "peak_mb": peak, "device": str(device),
+            "img_per_s": batch * iters / dt, "cpu_s_per_img": cpu / (batch * iters), "peak_mb": peak, "device": str(device),
             "threads": torch.get_num_threads()}
 
 
@@ -170,7 +172,8 @@ def main():
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(f"{row['impl']:12s} {row['parts']:4s} batch {batch} {row['mode']:8s} "
-                      f"{row['img_per_s']:7.3f} img/s  peak {row['peak_mb']:8.0f} MB", flush=True)
+                      f"{row['img_per_s']:7.3f} img/s  {row.get('cpu_s_per_img', float('nan')):7.1f} CPU-s/img  "
+                      f"peak {row['peak_mb']:8.0f} MB", flush=True)
     print("\nratio ours/torchvision (throughput; memory)")
     for batch in args.batch_sizes:
         for mode in args.modes:
@@ -178,6 +181,7 @@ def main():
             if {"ours", "torchvision"} <= set(sel):
                 o, t = sel["ours"], sel["torchvision"]
                 print(f"batch {batch} {mode:8s} speed x{o['img_per_s'] / t['img_per_s']:.2f}  "
+                      f"CPU time x{o['cpu_s_per_img'] / t['cpu_s_per_img']:.2f}  "
                       f"memory x{o['peak_mb'] / t['peak_mb']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
