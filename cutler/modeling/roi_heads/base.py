@@ -56,6 +56,12 @@ def _image_index(counts: Sequence[int], device: torch.device) -> Tensor:
                                    torch.tensor(list(counts), device=device, dtype=torch.int64))
 
 
+def _gt(target: Target, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """``((M, 4) float32 boxes, (M,) int64 classes)`` of one image's target on ``device``."""
+    return (target["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4),
+            target["classes"].to(device=device, dtype=torch.int64).reshape(-1))
+
+
 def clip_boxes_per_image(boxes: Tensor, image_index: Tensor, image_sizes: Sequence[Tuple[int, int]]) -> Tensor:
     """Clip concatenated ``(R, 4)`` boxes, each to the ``(h, w)`` of its image (Detectron2's ``Boxes.clip``)."""
     hw = torch.tensor([[float(h), float(w)] for h, w in image_sizes], device=boxes.device, dtype=boxes.dtype)
@@ -110,7 +116,7 @@ class ROIHeadsBase(nn.Module):
         num_classes: K foreground classes.
         batch_size_per_image, positive_fraction: stage-1 proposal sampling.
         proposal_append_gt: add the GT boxes to each image's proposals in training.
-        iou_threshold: the first (or only) stage's matching IoU; iou_labels as Detectron2's Matcher.
+        iou_thresholds, iou_labels: the first (or only) stage's Matcher (Detectron2's ROI_HEADS.IOU_*).
         score_thresh_test, nms_thresh_test, detections_per_image: inference filtering.
         use_droploss, droploss_iou_thresh: DropLoss on the box classifiers.
         mask_on and mask_*: the mask branch.
@@ -134,7 +140,6 @@ class ROIHeadsBase(nn.Module):
         self.in_channels = int(in_channels)
         scales = [1.0 / s for s in strides]
         self.box_pooler = ROIPooler(box_pooler_resolution, scales, box_pooler_sampling_ratio, box_pooler_type)
-        self.box_pooler_resolution = int(box_pooler_resolution)
         self.batch_size_per_image = int(batch_size_per_image)
         self.positive_fraction = float(positive_fraction)
         self.proposal_append_gt = bool(proposal_append_gt)
@@ -159,8 +164,7 @@ class ROIHeadsBase(nn.Module):
         """Stage-1 training proposals: append GT, match, sample ``batch_size_per_image`` per image."""
         out_boxes, out_classes, out_gt_boxes, out_gt_index, counts = [], [], [], [], []
         for props, target in zip(proposals, targets):
-            gt_boxes = target["boxes"].to(device=props.device, dtype=torch.float32).reshape(-1, 4)
-            gt_classes = target["classes"].to(device=props.device, dtype=torch.int64).reshape(-1)
+            gt_boxes, gt_classes = _gt(target, props.device)
             boxes = props.detach().to(torch.float32).reshape(-1, 4)
             if self.proposal_append_gt and gt_boxes.shape[0] > 0:
                 boxes = torch.cat([boxes, gt_boxes], dim=0)
@@ -182,8 +186,7 @@ class ROIHeadsBase(nn.Module):
         """Label already-chosen boxes (no GT appended, no sampling): the cascade's later stages."""
         classes, gt_boxes, gt_index = [], [], []
         for boxes_i, target in zip(boxes.split(counts), targets):
-            gt_b = target["boxes"].to(device=boxes.device, dtype=torch.float32).reshape(-1, 4)
-            gt_c = target["classes"].to(device=boxes.device, dtype=torch.int64).reshape(-1)
+            gt_b, gt_c = _gt(target, boxes.device)
             cls_i, matched = label_proposals(boxes_i, gt_b, gt_c, matcher, self.num_classes)
             classes.append(cls_i)
             gt_boxes.append(gt_b[matched] if gt_b.shape[0] > 0 else boxes_i)
@@ -252,6 +255,14 @@ class ROIHeadsBase(nn.Module):
 def input_shape_args(cfg, input_shape: Dict[str, ShapeSpec]) -> Dict[str, object]:
     """Constructor arguments of :class:`ROIHeadsBase` from the config and the backbone's shapes."""
     rh, bh, mh = cfg.model.roi_heads, cfg.model.roi_box_head, cfg.model.roi_mask_head
+    # Refuse the Detectron2 options this implementation does not have rather than ignore them.
+    if bh.name != "FastRCNNConvFCHead":
+        raise ValueError(f"Unsupported model.roi_box_head.name {bh.name!r}; only FastRCNNConvFCHead")
+    if cfg.model.mask_on and mh.name != "MaskRCNNConvUpsampleHead":
+        raise ValueError(f"Unsupported model.roi_mask_head.name {mh.name!r}; only MaskRCNNConvUpsampleHead")
+    for flag in ("use_sigmoid_ce", "use_fed_loss", "train_on_pred_boxes"):
+        if bh[flag]:
+            raise ValueError(f"model.roi_box_head.{flag}=true is not supported")
     in_features = list(rh.in_features)
     channels = {input_shape[f].channels for f in in_features}
     if len(channels) != 1:

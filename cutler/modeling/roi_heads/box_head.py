@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from torch import Tensor, nn
+from torch import nn
 
 from .layers import Conv2dNormReLU, c2_xavier_fill
 
@@ -43,7 +43,3 @@ class FastRCNNConvFCHead(nn.Sequential):
             size = dim
         self.output_size = size
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D401 - nn.Sequential order is the layer order
-        for layer in self:
-            x = layer(x)
-        return x

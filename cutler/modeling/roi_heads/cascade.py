@@ -31,15 +31,15 @@ class CascadeROIHeads(ROIHeadsBase):
 
     Args:
         box_heads: one box head per stage; ious: matching IoU per stage; bbox_reg_weights: per stage.
-        Other arguments: :class:`ROIHeadsBase`. The first stage's matcher is ``ious[0]``.
+        Other arguments: :class:`ROIHeadsBase`. As in Detectron2, stage 1 is labelled while sampling
+        with ``model.roi_heads.iou_thresholds`` (0.5 by default, like ``ious[0]``); ``ious[k]`` labels
+        stage k + 1's boxes for k >= 1.
     """
 
     def __init__(self, *, box_heads: Sequence[FastRCNNConvFCHead], ious: Sequence[float],
                  bbox_reg_weights: Sequence[Sequence[float]], **kwargs):
         if not (len(box_heads) == len(ious) == len(bbox_reg_weights)):
             raise ValueError("Cascade needs one box head, IoU and weight tuple per stage")
-        kwargs["iou_thresholds"] = [ious[0]]
-        kwargs["iou_labels"] = [0, 1]
         super().__init__(**kwargs)
         self.num_stages = len(box_heads)
         self.box_head = nn.ModuleList(box_heads)
@@ -54,6 +54,10 @@ class CascadeROIHeads(ROIHeadsBase):
             raise ValueError("CascadeROIHeads needs model.roi_box_head.cls_agnostic_bbox_reg=true (as Detectron2)")
         ch = cfg.model.roi_box_cascade_head
         ious = list(ch.ious)
+        if abs(ious[0] - cfg.model.roi_heads.iou_thresholds[0]) > 1e-9:
+            # Stage 1 is labelled by the sampler with roi_heads.iou_thresholds; Detectron2 requires both equal.
+            raise ValueError(f"model.roi_box_cascade_head.ious[0] ({ious[0]}) must equal "
+                             f"model.roi_heads.iou_thresholds[0] ({cfg.model.roi_heads.iou_thresholds[0]})")
         weights = [list(w) for w in ch.bbox_reg_weights]
         args = input_shape_args(cfg, input_shape)
         heads = [box_head_from_config(cfg, args["in_channels"]) for _ in ious]

@@ -1,8 +1,6 @@
 """Mask head: Detectron2's ``MaskRCNNConvUpsampleHead``, its loss targets, loss and inference."""
 from __future__ import annotations
 
-
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -33,11 +31,6 @@ class MaskRCNNConvUpsampleHead(nn.Sequential):
         c2_msra_fill(self.deconv)
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.constant_(self.predictor.bias, 0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self:
-            x = layer(x)
-        return x
 
 
 def crop_and_resize_masks(masks: Tensor, mask_index: Tensor, boxes: Tensor, size: int) -> Tensor:

@@ -3,11 +3,12 @@
 Image pixel ``(x, y)`` has its centre at ``(x + 0.5, y + 0.5)``; the ``M x M`` mask spans the box
 exactly, its cell ``i`` covering ``[x0 + i w / M, x0 + (i + 1) w / M]``. Each image pixel bilinearly
 samples the mask at its centre (``grid_sample``, ``align_corners=False``, zero padding outside the
-mask), then the probability is thresholded with ``>=``. This is the same arithmetic as Detectron2.
+mask), then the probability is thresholded with ``>=``. This is the same arithmetic as Detectron2: the
+result equals its GPU path (whole image) for any threshold, and its CPU path (which only computes
+the box +- 1 px) for thresholds >= 0.5, where pixels outside the box cannot reach the threshold.
 """
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
@@ -51,36 +52,37 @@ def paste_masks_in_image(
     widths = boxes[:, 2] - boxes[:, 0]
     heights = boxes[:, 3] - boxes[:, 1]
     nonempty = (widths > 0) & (heights > 0)
-    # Bilinear sampling of the zero-padded mask is exactly 0 for pixel centres more than half a
-    # mask cell outside the box; only the region inside that margin (+1 px for rounding) is computed.
+    # Bilinear sampling of the zero-padded mask is exactly 0 for pixel centres more than half a mask
+    # cell outside the box, so each mask is only evaluated on its own window: the box plus that
+    # margin (+1 px for rounding), clipped to the image.
     margin_x = widths.abs() / (2 * m) + 1
     margin_y = heights.abs() / (2 * m) + 1
-    lo_x = torch.floor(boxes[:, 0] - margin_x)
-    hi_x = torch.ceil(boxes[:, 2] + margin_x)
-    lo_y = torch.floor(boxes[:, 1] - margin_y)
-    hi_y = torch.ceil(boxes[:, 3] + margin_y)
-    # Safe divisors: empty boxes are zeroed afterwards, this only keeps NaN out of grid_sample.
+    lo_x = torch.floor(boxes[:, 0] - margin_x).clamp(0, img_w).to(torch.int64)
+    hi_x = torch.ceil(boxes[:, 2] + margin_x).clamp(0, img_w).to(torch.int64)
+    lo_y = torch.floor(boxes[:, 1] - margin_y).clamp(0, img_h).to(torch.int64)
+    hi_y = torch.ceil(boxes[:, 3] + margin_y).clamp(0, img_h).to(torch.int64)
+    # Windows of one chunk share the largest window's size; the bound below uses the largest overall.
+    win_w, win_h = (int(v) for v in torch.stack([(hi_x - lo_x).max(), (hi_y - lo_y).max()]).tolist())
+    if win_w <= 0 or win_h <= 0:
+        return out
+    # Safe divisors: empty boxes are masked out afterwards; this only keeps NaN out of grid_sample.
     safe_w = torch.where(nonempty, widths, torch.ones_like(widths))
     safe_h = torch.where(nonempty, heights, torch.ones_like(heights))
-    chunk = max(1, int(max_chunk_bytes // (img_h * img_w * _BYTES_PER_PIXEL)))
+    chunk = max(1, int(max_chunk_bytes // (win_h * win_w * _BYTES_PER_PIXEL)))
+    ar_x = torch.arange(win_w, device=device)
+    ar_y = torch.arange(win_h, device=device)
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
-        # One host sync per chunk for the chunk's crop (the union of its boxes' reach).
-        bounds = torch.stack([lo_x[sl].min(), lo_y[sl].min(), hi_x[sl].max(), hi_y[sl].max()]).tolist()
-        x0i = int(min(max(bounds[0], 0), img_w))
-        y0i = int(min(max(bounds[1], 0), img_h))
-        x1i = int(min(max(bounds[2], 0), img_w))
-        y1i = int(min(max(bounds[3], 0), img_h))
-        if x1i <= x0i or y1i <= y0i:
-            continue
-        xs = torch.arange(x0i, x1i, device=device, dtype=torch.float32) + 0.5
-        ys = torch.arange(y0i, y1i, device=device, dtype=torch.float32) + 0.5
-        gx = (xs[None, :] - boxes[sl, 0:1]) / safe_w[sl, None] * 2 - 1  # (n, w) in [-1, 1] inside the box
-        gy = (ys[None, :] - boxes[sl, 1:2]) / safe_h[sl, None] * 2 - 1  # (n, h)
+        xs = lo_x[sl, None] + ar_x[None, :]  # (k, win_w) image columns of each window
+        ys = lo_y[sl, None] + ar_y[None, :]  # (k, win_h)
+        gx = (xs.to(torch.float32) + 0.5 - boxes[sl, 0:1]) / safe_w[sl, None] * 2 - 1  # [-1, 1] inside the box
+        gy = (ys.to(torch.float32) + 0.5 - boxes[sl, 1:2]) / safe_h[sl, None] * 2 - 1
         k = gx.shape[0]
-        grid = torch.stack([gx[:, None, :].expand(k, gy.shape[1], gx.shape[1]),
-                            gy[:, :, None].expand(k, gy.shape[1], gx.shape[1])], dim=3)
+        grid = torch.stack([gx[:, None, :].expand(k, win_h, win_w), gy[:, :, None].expand(k, win_h, win_w)], dim=3)
         sampled = F.grid_sample(mask_probs[sl, None].to(torch.float32), grid, mode="bilinear",
                                 padding_mode="zeros", align_corners=False)[:, 0]
-        out[sl, y0i:y1i, x0i:x1i] = (sampled >= threshold) & nonempty[sl, None, None]
+        on = (sampled >= threshold) & nonempty[sl, None, None]
+        on &= (xs < hi_x[sl, None])[:, None, :] & (ys < hi_y[sl, None])[:, :, None]  # window inside the image
+        i, r, c = torch.nonzero(on, as_tuple=True)
+        out[i + start, ys[i, r], xs[i, c]] = True  # out starts all False: only "on" pixels are written
     return out
