@@ -16,6 +16,10 @@ synthetic boxes+masks each for the training step.
 ``--parts rpn`` compares backbone+FPN+RPN only (ours: ProposalNetwork; torchvision: transform +
 backbone + rpn of the same model).
 
+``--opts`` passes config overrides to our model (``solver.amp.enabled=true solver.amp.dtype=bfloat16``,
+``model.channels_last=true``). ``BENCH_H``/``BENCH_W`` (environment) change the input size for smoke
+tests only: torchvision's transform resizes every input to a shortest edge of 800 anyway.
+
 Example: ``PYTHONPATH=. python scripts/bench_model.py --batch-sizes 1 2 4 --iters 2 --warmup 1``
 """
 from __future__ import annotations
@@ -59,7 +63,7 @@ def _inputs(batch: int, device: torch.device, seed: int = 0):
 
 
 class Ours:
-    def __init__(self, parts: str, device: torch.device):
+    def __init__(self, parts: str, device: torch.device, opts=()):
         from cutler.config import load_config
         from cutler.modeling import build_model
 
@@ -71,7 +75,7 @@ class Ours:
                      "model.pixel_mean=[123.675,116.28,103.53]", "model.pixel_std=[58.395,57.12,57.375]"]
         if parts == "rpn":
             overrides.append("model.meta_architecture=ProposalNetwork")
-        self.model = build_model(load_config(None, overrides))
+        self.model = build_model(load_config(None, overrides + list(opts)))
         self.device = device
 
     def step(self, images, targets, train: bool):
@@ -88,7 +92,7 @@ class Ours:
 
 
 class TorchVision:
-    def __init__(self, parts: str, device: torch.device):
+    def __init__(self, parts: str, device: torch.device, opts=()):
         from torchvision.models.detection import maskrcnn_resnet50_fpn
 
         self.model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).to(device)
@@ -114,9 +118,10 @@ class TorchVision:
             m.zero_grad(set_to_none=True)
 
 
-def measure(impl: str, parts: str, batch: int, train: bool, iters: int, warmup: int, device: torch.device) -> dict:
+def measure(impl: str, parts: str, batch: int, train: bool, iters: int, warmup: int, device: torch.device,
+            opts=()) -> dict:
     torch.manual_seed(0)
-    model = (Ours if impl == "ours" else TorchVision)(parts, device)
+    model = (Ours if impl == "ours" else TorchVision)(parts, device, opts)
     images, targets = _inputs(batch, device)
     if device.type == "cuda":
         images = [im.to(device) for im in images]
@@ -153,19 +158,23 @@ def main():
     ap.add_argument("--impls", nargs="+", choices=["ours", "torchvision"], default=["ours", "torchvision"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default="", help="also write the results to this file")
+    ap.add_argument("--opts", nargs="*", default=[],
+                    help="config overrides for OUR model, e.g. solver.amp.enabled=true model.channels_last=true")
     ap.add_argument("--_single", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
     if args._single:  # child process: one measurement, fresh memory accounting
         impl, batch, mode = args._single.split(",")
-        print(json.dumps(measure(impl, args.parts, int(batch), mode == "fwd+bwd", args.iters, args.warmup, device)))
+        print(json.dumps(measure(impl, args.parts, int(batch), mode == "fwd+bwd", args.iters, args.warmup, device,
+                                 args.opts)))
         return
     rows = []
     for batch in args.batch_sizes:
         for mode in args.modes:
             for impl in args.impls:
                 cmd = [sys.executable, __file__, "--_single", f"{impl},{batch},{mode}", "--parts", args.parts,
-                       "--iters", str(args.iters), "--warmup", str(args.warmup), "--device", args.device]
+                       "--iters", str(args.iters), "--warmup", str(args.warmup), "--device", args.device,
+                       "--opts", *args.opts]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
                 if out.returncode != 0:
                     raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
