@@ -113,8 +113,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 shard, nshards, summary["processed"], summary["skipped_already_done"], summary["failed"],
                 summary["failures_by_reason"], summary["annotations"], summary["img_per_s"])
     if nshards == 1 and job is None and not args.no_merge:
-        name = os.path.basename(os.path.normpath(root)) if os.path.isdir(dataset_path) else \
-            os.path.splitext(os.path.basename(dataset_path))[0]
+        if demo and not cfg.dataset_path:
+            name = "synthetic_val"
+        elif os.path.isdir(dataset_path):
+            name = os.path.basename(os.path.normpath(root))
+        else:
+            name = os.path.splitext(os.path.basename(dataset_path))[0]
         out_json = args.output_json or os.path.join(
             cfg.out_dir, f"{name}_fixsize{cfg.fixed_size}_tau{cfg.tau}_N{cfg.n}.json")
         summary["merge"] = merge_outputs(cfg.out_dir, out_json)

@@ -85,10 +85,10 @@ def resize_for_maskcut(image: np.ndarray, fixed_size: int, patch_size: int) -> T
     ``fixed_size`` is already a multiple)."""
     img = Image.fromarray(image).resize((fixed_size, fixed_size), Image.LANCZOS)
     side = max(patch_size, int(round(fixed_size / patch_size)) * patch_size)
-    fixed = np.asarray(img)
+    fixed = np.array(img)  # writable: pydensecrf refuses read-only buffers
     if side == fixed_size:
         return fixed, fixed
-    return fixed, np.asarray(img.resize((side, side), Image.LANCZOS))
+    return fixed, np.array(img.resize((side, side), Image.LANCZOS))
 
 
 class MaskCutImages(torch.utils.data.Dataset):

@@ -111,9 +111,21 @@ class EigenResult:
         return (self.eigvals[:, 1] - self.eigvals[:, 0]) < gap_tol
 
 
+def first_argmax(v: torch.Tensor, rtol: float = 1e-9) -> torch.Tensor:
+    """``(B, P)`` -> ``(B,)`` lowest index whose value is within ``rtol * max|v|`` of the row maximum.
+
+    Patches masked by earlier stages have identical graph rows, hence (in exact arithmetic) equal
+    eigenvector entries; a plain argmax would pick among them by rounding noise, which differs
+    between solvers and BLAS builds. The lowest index makes the choice reproducible.
+    """
+    top = v.max(dim=1, keepdim=True).values
+    scale = v.abs().max(dim=1, keepdim=True).values
+    return (v >= top - rtol * scale).to(torch.uint8).argmax(dim=1)
+
+
 def canonical_sign(x: torch.Tensor) -> torch.Tensor:
     """Flip each row of ``(B, P)`` ``x`` so that its entry of largest magnitude is positive."""
-    peak = x.gather(1, x.abs().argmax(dim=1, keepdim=True))
+    peak = x.gather(1, first_argmax(x.abs())[:, None])
     return x * torch.where(peak < 0, -1.0, 1.0).to(x.dtype)
 
 
@@ -268,14 +280,14 @@ def bipartition(x: torch.Tensor, grid_hw: Tuple[int, int]) -> Tuple[torch.Tensor
     Returns:
         ``fg`` ``(B, P)`` bool and ``seed`` ``(B,)`` long. ``fg = x > mean(x)``; it is reversed when >= 3
         corners are foreground or the peak ``argmax |x|`` is not foreground; the seed is then
-        ``argmax(-x)``, else ``argmax(x)``.
+        ``argmax(-x)``, else ``argmax(x)`` (ties, up to rounding, go to the lowest index).
     """
     fg = x > x.mean(dim=1, keepdim=True)
-    peak = x.abs().argmax(dim=1, keepdim=True)
+    peak = first_argmax(x.abs())[:, None]
     corners = fg[:, corner_indices(grid_hw)].sum(dim=1)
     reverse = (corners >= 3) | ~fg.gather(1, peak)[:, 0]
     fg = torch.where(reverse[:, None], ~fg, fg)
-    seed = torch.where(reverse, (-x).argmax(dim=1), x.argmax(dim=1))
+    seed = torch.where(reverse, first_argmax(-x), first_argmax(x))
     return fg, seed
 
 
@@ -404,7 +416,7 @@ def maskcut_patches(feats: torch.Tensor, grid_hw: Tuple[int, int], n_stages: int
         unchanged = (~changed).cpu()
         it[unchanged] = iters_prev[unchanged]
         fg, seed = bipartition(x, grid_hw)
-        cand = seed_component(fg, seed, grid_hw)
+        cand = seed_component(fg, seed, grid_hw) & ~degenerate[:, None]  # no candidate without a defined cut
         st = torch.full((b,), KEPT, dtype=torch.long, device=dev)
         if t > 0:
             small = cand.sum(dim=1).double() / p <= min_area_fraction

@@ -163,7 +163,7 @@ def run_maskcut(cfg, records: Sequence[ImageRecord], out_dir: str, shard_index: 
         logger.info("resuming %s: %d of %d images already done", shard_dir, skipped, len(records))
     loader = torch.utils.data.DataLoader(MaskCutImages(todo, cfg.fixed_size, cfg.patch_size),
                                          batch_size=max(1, cfg.batch_size), shuffle=False,
-                                         num_workers=max(0, cfg.num_workers), collate_fn=collate_items,
+                                         num_workers=max(0, min(cfg.num_workers, os.cpu_count() or 1)), collate_fn=collate_items,
                                          persistent_workers=False)
     pool = make_crf_pool(cfg.crf_workers) if len(todo) else None
     max_pending = max(4, 4 * (pool._max_workers if pool else 1), 2 * cfg.batch_size)
