@@ -129,16 +129,61 @@ def canonical_sign(x: torch.Tensor) -> torch.Tensor:
     return x * torch.where(peak < 0, -1.0, 1.0).to(x.dtype)
 
 
-def solve_exact(a: torch.Tensor, **_) -> EigenResult:
+@dataclass
+class BinaryGraph:
+    """A binarized affinity kept as booleans: ``A = where(adj, 1, eps)`` without the float matrix.
+
+    adj: ``(B, P, P)`` bool (symmetric); eps: value of the False entries.
+    """
+
+    adj: torch.Tensor
+    eps: float
+
+    @property
+    def shape(self):
+        return self.adj.shape
+
+    @property
+    def device(self):
+        return self.adj.device
+
+    def __getitem__(self, idx) -> "BinaryGraph":
+        return BinaryGraph(self.adj[idx], self.eps)
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The ``(B, P, P)`` affinity matrix."""
+        one = torch.ones((), dtype=dtype, device=self.adj.device)
+        return torch.where(self.adj, one, torch.full((), self.eps, dtype=dtype, device=self.adj.device))
+
+    def degrees(self) -> torch.Tensor:
+        """``(B, P)`` float64 ``d = A 1`` from the counts of True entries."""
+        count = self.adj.sum(dim=-1).to(torch.float64)  # integer count: exact, and faster than a float sum
+        return count + self.eps * (self.adj.shape[-1] - count)
+
+
+def binary_graph(sim: torch.Tensor, tau: float, eps: float = 1e-5, keep: Optional[torch.Tensor] = None) -> BinaryGraph:
+    """:func:`binarize_affinity` as a :class:`BinaryGraph` (bool storage; the fast solver's input)."""
+    adj = sim > tau
+    if keep is not None:
+        pair = keep[:, :, None] & keep[:, None, :]
+        adj = (adj & pair) if not 0.0 > tau else (adj | ~pair)
+    return BinaryGraph(adj, eps)
+
+
+def _as_dense(a, dtype=torch.float64) -> torch.Tensor:
+    return a.dense(dtype) if isinstance(a, BinaryGraph) else a.to(dtype)
+
+
+def solve_exact(a, **_) -> EigenResult:
     """Reference solver: float64 ``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 2])`` per image.
 
     Args:
-        a: ``(B, P, P)`` affinity (any float dtype, any device; computed on the CPU).
+        a: ``(B, P, P)`` affinity tensor or :class:`BinaryGraph` (any device; computed on the CPU).
     """
     from scipy.linalg import eigh
 
     xs, vals = [], []
-    for ai in a.detach().to("cpu", torch.float64).numpy():
+    for ai in _as_dense(a).detach().cpu().numpy():
         d = ai.sum(axis=1)
         w, v = eigh(np.diag(d) - ai, np.diag(d), subset_by_index=[1, 2])
         xs.append(v[:, 0])
@@ -148,14 +193,56 @@ def solve_exact(a: torch.Tensor, **_) -> EigenResult:
     return EigenResult(canonical_sign(x), ev, torch.zeros(a.shape[0], dtype=torch.long))
 
 
-def _normalized_affinity(a: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _normalized_affinity(a, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``S = D^-1/2 A D^-1/2`` ``(B, P, P)``, ``d^-1/2`` ``(B, P)`` and the unit top eigenvector ``(B, P)``."""
-    a = a.to(dtype)
+    a = _as_dense(a, dtype)
     d = a.sum(dim=-1)
     dis = d.rsqrt()
     s = a * dis[:, :, None] * dis[:, None, :]
     v1 = d.sqrt()
     return s, dis, v1 / v1.norm(dim=-1, keepdim=True)
+
+
+class _NormalizedOperator:
+    """``X -> S X`` for ``S = D^-1/2 A D^-1/2`` on a batch, plus ``d^-1/2`` and the top eigenvector.
+
+    For a :class:`BinaryGraph` the product is ``D^-1/2 ((1 - eps) C + eps 1 1^T) D^-1/2 X`` with the
+    0/1 matrix ``C`` cast once to the working dtype: one pass over a P x P matrix per product and no
+    scaled copy of A (the products are memory bound).
+    """
+
+    def __init__(self, a, dtype: torch.dtype):
+        self.dtype = dtype
+        if isinstance(a, BinaryGraph):
+            d = a.degrees()
+            self.c = a.adj.to(dtype)
+            self.eps = a.eps
+            self.s = None
+        else:
+            self.s, _, _ = _normalized_affinity(a, dtype)
+            d = _as_dense(a, torch.float64).sum(dim=-1)
+        self.dis64 = d.rsqrt()
+        self.dis = self.dis64.to(dtype)
+        v1 = d.sqrt()
+        self.v1 = (v1 / v1.norm(dim=-1, keepdim=True)).to(dtype)
+
+    def subset(self, idx: torch.Tensor) -> "_NormalizedOperator":
+        out = object.__new__(_NormalizedOperator)
+        out.__dict__.update({k: (v[idx] if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
+        return out
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.s is not None:
+            return torch.bmm(self.s, x)
+        z = self.dis[:, :, None] * x
+        y = (1.0 - self.eps) * torch.bmm(self.c, z) + self.eps * z.sum(dim=1, keepdim=True)
+        return self.dis[:, :, None] * y
+
+    def dense(self) -> torch.Tensor:
+        if self.s is not None:
+            return self.s
+        a = (1.0 - self.eps) * self.c + self.eps
+        return a * self.dis[:, :, None] * self.dis[:, None, :]
 
 
 def _orthonormalize(w: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
@@ -172,35 +259,45 @@ def _orthonormalize(w: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(q).Q
 
 
-def _block_krylov(s: torch.Tensor, v1: torch.Tensor, x0: torch.Tensor, steps: int):
-    """One cycle of block Lanczos on ``S`` deflated by ``v1``, with Rayleigh-Ritz.
-
-    Returns Ritz values ``(B, m)`` ascending, Ritz vectors ``(B, P, m)`` and ``S @ vectors``.
-    """
-    basis = _orthonormalize(x0, v1[:, :, None])
-    blocks, products = [basis], []
-    for j in range(steps):
-        w = torch.bmm(s, blocks[-1])
-        products.append(w)
-        if j + 1 < steps:
-            prior = torch.cat([v1[:, :, None]] + blocks, dim=2)
-            blocks.append(_orthonormalize(w, prior))
-    q = torch.cat(blocks, dim=2)
-    sq = torch.cat(products, dim=2)
+def _rayleigh_ritz(q: torch.Tensor, sq: torch.Tensor):
     h = q.transpose(1, 2) @ sq
     theta, u = torch.linalg.eigh(0.5 * (h + h.transpose(1, 2)))
-    return theta, q @ u, sq @ u
+    vec, svec = q @ u[:, :, -2:], sq @ u[:, :, -2:]
+    res = (svec[:, :, -1] - theta[:, -1:] * vec[:, :, -1]).norm(dim=1)
+    return theta, u, res
 
 
-def solve_fast(a: torch.Tensor, block: int = 4, steps: int = 12, max_restarts: int = 8, tol: float = 1e-9,
+def _block_krylov(op: _NormalizedOperator, x0: torch.Tensor, steps: int, tol: float, check_from: int = 3):
+    """One cycle of block Lanczos on ``S`` deflated by its top eigenvector, with Rayleigh-Ritz.
+
+    Stops early once every image's top Ritz pair has residual <= ``tol`` (checked every step from
+    ``check_from``: the small projected problem is cheap next to a product with S).
+
+    Returns (Ritz values ``(B, m)`` ascending, Ritz vectors ``(B, P, m)``, residuals ``(B,)``, steps used).
+    """
+    v1 = op.v1[:, :, None]
+    blocks, products = [_orthonormalize(x0, v1)], []
+    for j in range(steps):
+        products.append(op @ blocks[-1])
+        last = j + 1 == steps
+        if j + 1 >= check_from or last:
+            q, sq = torch.cat(blocks, dim=2), torch.cat(products, dim=2)
+            theta, u, res = _rayleigh_ritz(q, sq)
+            if last or bool((res <= tol).all()):
+                return theta, q @ u, res, j + 1
+        blocks.append(_orthonormalize(products[-1], torch.cat([v1] + blocks, dim=2)))
+    raise AssertionError("unreachable")
+
+
+def solve_fast(a, block: int = 4, steps: int = 24, max_restarts: int = 6, tol: float = 1e-9,
                dtype: torch.dtype = torch.float64, seed: int = 0, **_) -> EigenResult:
     """Batched deflated block-Krylov solver for the second eigenpair (see the module docstring).
 
     Args:
-        a: ``(B, P, P)`` affinity on any device.
+        a: ``(B, P, P)`` affinity tensor or :class:`BinaryGraph` (cheaper), on any device.
         block: block size b (>= 2: the third eigenvalue is needed for the degeneracy check).
-        steps: block products per cycle (Krylov dimension ``b * steps``).
-        max_restarts: cycles before the dense fallback for images still unconverged.
+        steps: most block products per cycle (Krylov dimension up to ``b * steps``).
+        max_restarts: cycles (thick restarts from the best Ritz block) before the dense fallback.
         tol: residual ``||S y - mu y||`` (``||S|| = 1``) at which an eigenvector counts as converged.
         dtype: working precision (float64 by default: float32 visibly changes later-stage masks).
         seed: start block seed (fixed so that runs are reproducible).
@@ -209,7 +306,7 @@ def solve_fast(a: torch.Tensor, block: int = 4, steps: int = 12, max_restarts: i
         :class:`EigenResult` (``iterations`` = block products, -1 where the dense fallback ran).
     """
     bsz, p, _ = a.shape
-    s, dis, v1 = _normalized_affinity(a, dtype)
+    op = _NormalizedOperator(a, dtype)
     block = max(2, min(block, max(1, (p - 1) // 2)))
     steps = max(1, min(steps, (p - 1) // block))
     gen = torch.Generator().manual_seed(seed)
@@ -222,26 +319,25 @@ def solve_fast(a: torch.Tensor, block: int = 4, steps: int = 12, max_restarts: i
     for _cycle in range(max_restarts):
         if active.numel() == 0:
             break
-        theta, vec, svec = _block_krylov(s[active], v1[active], x0[active], steps)
-        top = vec[:, :, -1]
-        res = (svec[:, :, -1] - theta[:, -1:] * top).norm(dim=1)
-        y[active] = top
+        sub = op if active.numel() == bsz else op.subset(active)
+        theta, vec, res, used = _block_krylov(sub, x0[active], steps, tol)
+        y[active] = vec[:, :, -1]
         mu[active] = theta[:, [-1, -2]]
-        iters[active.cpu()] += steps
+        iters[active.cpu()] += used
         done = res <= tol
         x0[active] = vec[:, :, -block:]  # thick restart from the best Ritz block
         active = active[~done]
     if active.numel():
         # rare (clustered spectra): exact answer by dense eigh of S for the stragglers
-        w, v = torch.linalg.eigh(s[active].to(torch.float64))
+        w, v = torch.linalg.eigh(op.subset(active).dense().to(torch.float64))
         y[active] = v[:, :, -2].to(dtype)
         mu[active] = w[:, [-2, -3]].to(dtype)
         iters[active.cpu()] = -1
-    x = canonical_sign(dis.to(torch.float64) * y.to(torch.float64))
+    x = canonical_sign(op.dis64 * y.to(torch.float64))
     return EigenResult(x, 1.0 - mu.to(torch.float64), iters)
 
 
-def solve_dense(a: torch.Tensor, dtype: torch.dtype = torch.float64, **_) -> EigenResult:
+def solve_dense(a, dtype: torch.dtype = torch.float64, **_) -> EigenResult:
     """Batched dense ``torch.linalg.eigh`` of ``S`` (float64): exact, on the device, O(P^3)."""
     s, dis, _ = _normalized_affinity(a, dtype)
     w, v = torch.linalg.eigh(s)
@@ -253,8 +349,9 @@ def solve_dense(a: torch.Tensor, dtype: torch.dtype = torch.float64, **_) -> Eig
 SOLVERS: Dict[str, Callable[..., EigenResult]] = {"exact": solve_exact, "fast": solve_fast, "dense": solve_dense}
 
 
-def ncut_eigenvector(a: torch.Tensor, solver: str = "fast", **kwargs) -> EigenResult:
-    """Second generalized eigenvector of ``(D - A) x = lambda D x`` for a batch ``(B, P, P)``.
+def ncut_eigenvector(a, solver: str = "fast", **kwargs) -> EigenResult:
+    """Second generalized eigenvector of ``(D - A) x = lambda D x`` for a batch ``(B, P, P)`` (a dense
+    affinity tensor or a :class:`BinaryGraph`).
 
     ``solver``: ``"fast"`` (batched block Krylov), ``"exact"`` (scipy per image, the reference),
     ``"dense"`` (batched torch eigh); extra keyword arguments go to the solver.
@@ -407,9 +504,10 @@ def maskcut_patches(feats: torch.Tensor, grid_hw: Tuple[int, int], n_stages: int
         todo = changed.nonzero()[:, 0]
         it = torch.zeros(b, dtype=torch.long)
         if todo.numel():
-            a = binarize_affinity(sim[todo], tau, eps, ~painting[todo])
-            res = ncut_eigenvector(a, solver, **kw)
-            del a
+            sub = todo.numel() < b
+            graph = binary_graph(sim[todo] if sub else sim, tau, eps, ~(painting[todo] if sub else painting))
+            res = ncut_eigenvector(graph, solver, **kw)
+            del graph
             x[todo] = res.x.to(dev)
             degenerate[todo] = res.degenerate(gap_tol).to(dev)
             it[todo.cpu()] = res.iterations
