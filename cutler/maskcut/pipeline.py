@@ -6,6 +6,7 @@ import collections
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -109,12 +110,17 @@ def _pool_init() -> None:
 
 
 def make_crf_pool(workers: int) -> Optional[cf.ProcessPoolExecutor]:
-    """A spawn-context process pool of ``workers`` (0 = CPU count) processes; None if ``workers < 0``
-    (post-processing then runs inline, which tests and tiny runs prefer)."""
+    """A process pool of ``workers`` (0 = CPU count) processes; None if ``workers < 0`` (post-processing
+    then runs inline, which tests and tiny runs prefer).
+
+    Forked on Linux: a spawned worker re-imports torch (seconds per worker), forked ones start at
+    once; the workers never touch CUDA, and torch resets its thread pool in forked children.
+    """
     if workers < 0:
         return None
     n = workers or os.cpu_count() or 1
-    return cf.ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"), initializer=_pool_init)
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    return cf.ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context(method), initializer=_pool_init)
 
 
 class _Inline:
