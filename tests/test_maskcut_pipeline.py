@@ -283,3 +283,18 @@ def test_cli_published_flags_and_overrides(tmp_path, dataset):
     coco = COCO(summary["output_json"])
     assert Path(summary["output_json"]).name == "flat_fixsize64_tau0.15_N2.json"
     assert sorted(im["file_name"] for im in coco.dataset["images"]) == ["rgba.png", "wide.png"]
+
+
+def test_demo_writes_overlay_with_eigvec_panels(tmp_path, dataset):
+    from cutler.maskcut.demo import main as demo_main
+
+    out = tmp_path / "demo.png"
+    torch.manual_seed(0)
+    pic, anns = demo_main(["--img-path", str(dataset / "cls_a" / "wide.png"), "--output", str(out), "--vit-arch",
+                           "small", "--patch-size", "16", "--fixed_size", "64", "--N", "2", "--cpu",
+                           "--show-eigvecs"])
+    saved = np.asarray(Image.open(out).convert("RGB"))
+    assert saved.shape == pic.shape and saved.shape[0] == 80
+    assert saved.shape[1] == 120 + 2 * 80  # the picture, then one square eigenvector panel per stage
+    src = np.asarray(Image.open(dataset / "cls_a" / "wide.png").convert("RGB"))
+    assert (saved[:, :120] != src).any() == bool(anns)  # masks drawn iff any survived

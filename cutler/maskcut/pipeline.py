@@ -68,7 +68,10 @@ class MaskCutModel:
 
     def __init__(self, cfg, device: Optional[torch.device] = None):
         self.cfg = cfg
-        self.device = device or resolve_device(cfg.device)
+        spec = cfg.device
+        if (spec or "auto") == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+            spec = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"  # torchrun: one GPU per rank
+        self.device = device or resolve_device(spec)
         self.extractor = DinoFeatureExtractor(cfg.vit_arch, cfg.patch_size, cfg.vit_feat, cfg.pretrain_path,
                                               cfg.dtype).to(self.device)
         self.solver_kwargs = {"dtype": _solver_dtype(getattr(cfg, "solver_dtype", "float64")),
