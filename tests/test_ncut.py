@@ -283,3 +283,17 @@ def test_agreement_three_nearly_disconnected_groups_small_gap():
     assert fast.status[0].tolist() == [ncut.KEPT, ncut.EMPTY_IOU, ncut.KEPT]
     assert torch.equal(fast.masks[0, 0], fast.masks[0, 2])
     assert not ncut.upsample_stage_masks(fast.masks, (20, 30))[0, 2].any()
+
+
+def test_stage_filter_rules():
+    cand = torch.zeros(4, 100, dtype=torch.bool)
+    prev = torch.zeros(4, 100, dtype=torch.bool)
+    cand[0, :30] = True
+    prev[0, :20] = True  # IoU 0.67 -> rejected
+    cand[1, :30] = True
+    prev[1, 25:60] = True  # IoU 5/60 -> kept
+    cand[2, :1] = True  # 1% of the grid -> too small
+    cand[3, :50] = True
+    st = ncut.stage_filter(cand, prev, 1, torch.tensor([False, False, False, True]))
+    assert st.tolist() == [ncut.EMPTY_IOU, ncut.KEPT, ncut.EMPTY_SMALL, ncut.EMPTY_DEGENERATE]
+    assert ncut.stage_filter(cand, prev, 0).tolist() == [ncut.KEPT] * 4  # no filters on stage 1

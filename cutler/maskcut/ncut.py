@@ -448,6 +448,35 @@ def mask_iou(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- the stages
+def stage_filter(cand: torch.Tensor, prev: torch.Tensor, stage: int, degenerate: Optional[torch.Tensor] = None,
+                 min_area_fraction: float = 0.01, iou_thresh: float = 0.5) -> torch.Tensor:
+    """Status of stage ``stage`` (0-based) candidates.
+
+    Args:
+        cand: ``(B, P)`` bool seed components; prev: ``(B, P)`` bool previous stage masks (already
+            emptied where that stage was rejected, as in the reference); degenerate: ``(B,)`` bool or None.
+
+    Returns:
+        ``(B,)`` long: KEPT, or for stages >= 1 EMPTY_SMALL (area <= ``min_area_fraction`` of the grid)
+        / EMPTY_IOU (IoU with ``prev`` > ``iou_thresh``); EMPTY_DEGENERATE wins over both.
+    """
+    st = torch.full((cand.shape[0],), KEPT, dtype=torch.long, device=cand.device)
+    if stage > 0:
+        small = cand.sum(dim=1).double() / cand.shape[1] <= min_area_fraction
+        overlap = mask_iou(cand, prev) > iou_thresh
+        st = torch.where(small, torch.full_like(st, EMPTY_SMALL), st)
+        st = torch.where(overlap, torch.full_like(st, EMPTY_IOU), st)
+    if degenerate is not None:
+        st = torch.where(degenerate, torch.full_like(st, EMPTY_DEGENERATE), st)
+    return st
+
+
+def next_painting(painting: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, P)`` bool union of the kept masks so far; its complement is the ``keep`` of the next graph
+    (:func:`binary_graph`), i.e. painted patches get all-eps rows."""
+    return painting | mask
+
+
 @dataclass
 class MaskCutOutput:
     """Per-stage MaskCut results on the patch grid.
@@ -515,15 +544,9 @@ def maskcut_patches(feats: torch.Tensor, grid_hw: Tuple[int, int], n_stages: int
         it[unchanged] = iters_prev[unchanged]
         fg, seed = bipartition(x, grid_hw)
         cand = seed_component(fg, seed, grid_hw) & ~degenerate[:, None]  # no candidate without a defined cut
-        st = torch.full((b,), KEPT, dtype=torch.long, device=dev)
-        if t > 0:
-            small = cand.sum(dim=1).double() / p <= min_area_fraction
-            overlap = mask_iou(cand, prev) > stage_iou_thresh
-            st = torch.where(small, torch.full_like(st, EMPTY_SMALL), st)
-            st = torch.where(overlap, torch.full_like(st, EMPTY_IOU), st)
-        st = torch.where(degenerate, torch.full_like(st, EMPTY_DEGENERATE), st)
+        st = stage_filter(cand, prev, t, degenerate, min_area_fraction, stage_iou_thresh)
         mask = cand & (st == KEPT)[:, None]
-        painting = painting | mask
+        painting = next_painting(painting, mask)
         changed = mask.any(dim=1)
         prev = mask
         iters_prev = it
