@@ -115,6 +115,7 @@ def main(argv=None) -> dict:
         torch.cuda.synchronize(dev)
     t_fast = time.perf_counter() - t0
     fast_masks = torch.cat([f.masks for f in fast]).cpu()
+    fast_cands = torch.cat([f.candidates for f in fast]).cpu()
     fast_iters = torch.cat([f.iterations for f in fast])
     res["ncut_fast"] = {"s": t_fast, "s_per_img": t_fast / len(imgs),
                         "mean_block_products_per_stage": float(fast_iters[fast_iters > 0].double().mean())
@@ -124,7 +125,7 @@ def main(argv=None) -> dict:
     if not args.skip_published:
         # ---- the published per-image path, re-implemented (same weights, one image at a time)
         ph = dict.fromkeys(("decode", "vit", "ncut", "crf", "encode"), 0.0)
-        exact_masks = []
+        exact_masks, exact_cands = [], []
         n_masks = 0
         t_all = time.perf_counter()
         for r in records:
@@ -140,6 +141,7 @@ def main(argv=None) -> dict:
             out = maskcut_patches(f1.double().float(), grid, cfg.n, cfg.tau, cfg.eps, "exact")
             ph["ncut"] += time.perf_counter() - t
             exact_masks.append(out.masks.cpu())
+            exact_cands.append(out.candidates.cpu())
             up = upsample_stage_masks(out.masks, fixed.shape[:2])[0].cpu().numpy()
             for m in up:
                 t = time.perf_counter()
@@ -157,6 +159,11 @@ def main(argv=None) -> dict:
         iou = stage_iou(fast_masks, exact)
         res["agreement_mean_stage_iou"] = [float(v) for v in iou]
         res["agreement_mean"] = float(iou.mean())
+        # candidates = seed components before the stage filters: non-empty whenever the cut is defined
+        res["agreement_candidates_mean_stage_iou"] = [float(v) for v in stage_iou(fast_cands, torch.cat(exact_cands))]
+        res["nonempty_stage_masks"] = {"fast": int(fast_masks.flatten(2).any(-1).sum()),
+                                       "exact": int(exact.flatten(2).any(-1).sum()),
+                                       "of": int(exact.shape[0] * exact.shape[1])}
         res["speedup"] = {"end_to_end": res["published_path"]["wall_s"] / ours["wall_s"],
                           "ncut_phase_same_features": ph["ncut"] / t_fast,
                           "ncut_phase_pipeline": ph["ncut"] / max(ours["phase_s"]["ncut"], 1e-9)}
