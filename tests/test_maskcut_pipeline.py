@@ -298,3 +298,22 @@ def test_demo_writes_overlay_with_eigvec_panels(tmp_path, dataset):
     assert saved.shape[1] == 120 + 2 * 80  # the picture, then one square eigenvector panel per stage
     src = np.asarray(Image.open(dataset / "cls_a" / "wide.png").convert("RGB"))
     assert (saved[:, :120] != src).any() == bool(anns)  # masks drawn iff any survived
+
+
+def test_real_torch_crf_close_to_pydensecrf(tmp_path, dataset, model):
+    """Integration with the real torch CRF when it is present (skipped otherwise)."""
+    pytest.importorskip("cutler.maskcut.torch_crf")
+    records, _ = list_dataset(str(dataset))
+    good = [r for r in records if r.file_name in ("cls_a/wide.png", "cls_b/rgba.png")]
+    out = {}
+    for mode in ("torch", "pydensecrf"):
+        pl.run_maskcut(replace(FAST, crf=mode), good, str(tmp_path / mode), progress=False, model=model)
+        merge_outputs(str(tmp_path / mode), str(tmp_path / f"{mode}.json"))
+        out[mode] = {(a["image_id"], a["stage"]): mask_util.decode(a["segmentation"]).astype(bool)
+                     for a in json.loads((tmp_path / f"{mode}.json").read_text())["annotations"]}
+    assert out["pydensecrf"], "expected at least one kept mask"
+    common = set(out["torch"]) & set(out["pydensecrf"])
+    assert len(common) >= len(out["pydensecrf"]) - 1
+    for k in common:
+        a, b = out["torch"][k], out["pydensecrf"][k]
+        assert (a & b).sum() / (a | b).sum() > 0.9
