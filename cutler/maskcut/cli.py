@@ -20,7 +20,7 @@ _FLAG_KEYS = {
     "N": "n", "num_folder_per_job": "num_folder_per_job", "job_index": "job_index", "batch_size": "batch_size",
     "num_workers": "num_workers", "shard_index": "shard_index", "num_shards": "num_shards",
     "image_root": "image_root", "crf": "crf", "solver": "solver", "chunk_size": "chunk_size",
-    "crf_workers": "crf_workers",
+    "crf_workers": "crf_workers", "threads": "torch_threads",
 }
 
 # the out-of-the-box demo (no dataset, random weights) must finish in well under a minute on a CPU
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf-workers", type=int, help="CRF processes (0 = CPU count, -1 = inline)")
     p.add_argument("--solver", choices=["fast", "exact", "dense"])
     p.add_argument("--chunk-size", type=int, help="images per output chunk")
+    p.add_argument("--threads", type=int, help="torch intra-op threads in the main process (0 = default)")
     p.add_argument("--no-merge", action="store_true", help="do not merge the shards into one JSON at the end")
     p.add_argument("--output-json", help="merged JSON path (default out_dir/<dataset>_fixsize<S>_tau<T>_N<N>.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,6 +101,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         logger.info("demo mode: synthetic images in %s, ViT-%s/%d at %d px", dataset_path, cfg.vit_arch[0].upper(),
                     cfg.patch_size, cfg.fixed_size)
     setup_logger(cfg.out_dir)
+    if cfg.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     records, root = list_dataset(dataset_path, cfg.image_root or None)
     job = None
     if cfg.num_folder_per_job > 0:

@@ -82,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, List[dict]]:
     from .cli import args_to_overrides
 
     for name in ("dataset_path", "out_dir", "num_folder_per_job", "job_index", "batch_size", "num_workers",
-                 "shard_index", "num_shards", "image_root", "solver", "chunk_size", "crf_workers"):
+                 "shard_index", "num_shards", "image_root", "solver", "chunk_size", "crf_workers", "threads"):
         setattr(args, name, None)
     overrides = args_to_overrides(args)
     img = args.img_path
