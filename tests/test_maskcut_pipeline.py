@@ -283,6 +283,12 @@ def test_cli_published_flags_and_overrides(tmp_path, dataset):
     coco = COCO(summary["output_json"])
     assert Path(summary["output_json"]).name == "flat_fixsize64_tau0.15_N2.json"
     assert sorted(im["file_name"] for im in coco.dataset["images"]) == ["rgba.png", "wide.png"]
+    # random weights are seeded: a rerun into another folder writes the same masks
+    again = main(["--dataset-path", str(sub), "--out-dir", str(tmp_path / "cli2"), "--vit-arch", "small",
+                  "--patch-size", "16", "--fixed_size", "64", "--N", "2", "--cpu", "--num-workers", "0",
+                  "--no-progress", "--threads", "1", "maskcut.crf_workers=-1"])
+    a1, a2 = (json.loads(Path(s["output_json"]).read_text())["annotations"] for s in (summary, again))
+    assert a1 == a2
 
 
 def test_demo_writes_overlay_with_eigvec_panels(tmp_path, dataset):

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 
 from ..config import add_config_arguments, config_from_args
 from ..utils.logging import get_logger, setup_logger
+from ..utils.seed import seed_everything
 
 logger = get_logger(__name__)
 
@@ -94,7 +95,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if demo:
         given = {o.split("=")[0] for o in overrides + list(args.overrides)}
         overrides = [f"maskcut.{k}={v}" for k, v in DEMO_OVERRIDES.items() if f"maskcut.{k}" not in given] + overrides
-    cfg = config_from_args(args, overrides).maskcut
+    root_cfg = config_from_args(args, overrides)
+    cfg = root_cfg.maskcut
+    # random-init weights (demos, tests) must be the same in every shard and rerun: seed 0 unless told
+    seed_everything(root_cfg.seed if root_cfg.seed >= 0 else 0)
     dataset_path = cfg.dataset_path
     if demo and not dataset_path:
         dataset_path = _synthetic_dataset()

@@ -11,6 +11,7 @@ import numpy as np
 from ..config import add_config_arguments, config_from_args
 from ..utils.image import read_image_rgb
 from ..utils.logging import get_logger, setup_logger
+from ..utils.seed import seed_everything
 from ..utils.visualization import overlay_instances, save_rgb_png
 from .cli import DEMO_OVERRIDES
 from .crf import CRFParams
@@ -95,5 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, List[dict]]:
         given = {o.split("=")[0] for o in overrides + list(args.overrides)}
         overrides = [f"maskcut.{k}={v}" for k, v in DEMO_OVERRIDES.items() if f"maskcut.{k}" not in given] + overrides
     setup_logger()
-    cfg = config_from_args(args, overrides).maskcut
+    root_cfg = config_from_args(args, overrides)
+    cfg = root_cfg.maskcut
+    seed_everything(root_cfg.seed if root_cfg.seed >= 0 else 0)
     return run_demo(img, cfg, args.output, args.show_eigvecs)
