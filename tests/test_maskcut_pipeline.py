@@ -153,7 +153,9 @@ def test_resume_and_shards_merge_without_duplicates_or_gaps(tmp_path, dataset, m
     assert again["skipped_already_done"] == 2 and again["processed"] == 1
     rerun = pl.run_maskcut(FAST, shard_records(good, 1, 3), str(sharded), 1, 3, progress=False, model=model)
     assert rerun["processed"] == 0 and rerun["skipped_already_done"] == 3
-    counts = merge_outputs(str(sharded), str(sharded / "all.json"))
+    from cutler.maskcut.cli import merge_main
+
+    counts = merge_main(["--out-dir", str(sharded), "--save-path", str(sharded / "all.json")])  # merge_jsons.py
     got = json.loads((sharded / "all.json").read_text())
     assert counts["duplicates"] == 0
     assert sorted((i["id"], i["file_name"]) for i in got["images"]) == sorted((i["id"], i["file_name"]) for i in ref["images"])
