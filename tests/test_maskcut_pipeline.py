@@ -325,3 +325,24 @@ def test_real_torch_crf_close_to_pydensecrf(tmp_path, dataset, model):
     for k in common:
         a, b = out["torch"][k], out["pydensecrf"][k]
         assert (a & b).sum() / (a | b).sum() > 0.9
+
+
+def test_cli_torchrun_env_shards_then_merge(tmp_path, dataset, monkeypatch):
+    from cutler.maskcut.cli import main, merge_main
+
+    sub = tmp_path / "imgs"
+    sub.mkdir()
+    for n in ("cls_a/wide.png", "cls_b/rgba.png", "cls_a/gray.png"):
+        shutil.copy(dataset / n, sub / Path(n).name)
+    out = tmp_path / "out"
+    common = ["--dataset-path", str(sub), "--out-dir", str(out), "--vit-arch", "small", "--patch-size", "16",
+              "--fixed_size", "64", "--N", "2", "--cpu", "--num-workers", "0", "--no-progress", "maskcut.crf_workers=-1"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        s = main(common)
+        assert s["shard_index"] == rank and s["num_shards"] == 2 and "output_json" not in s
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000-of-00002", "shard-00001-of-00002"]
+    counts = merge_main(["--out-dir", str(out)])
+    merged = COCO(str(out / "merged.json"))
+    assert counts["images"] == 3 and sorted(merged.getImgIds()) == [1, 2, 3]  # ids = sorted-list index + 1
