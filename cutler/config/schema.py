@@ -263,12 +263,17 @@ class MaskCutConfig:
     crf: str = "auto"  # "pydensecrf" | "torch" | "none" | "auto" (torch on GPU, pydensecrf on CPU)
     crf_iou_thresh: float = 0.5  # masks whose CRF output overlaps the input less are discarded
     solver: str = "fast"  # "fast" (batched iterative, float32/64) | "exact" (float64 dense eigh)
+    solver_dtype: str = "float64"  # fast solver precision: "float64" | "float32" (float32 changes later stages)
+    solver_tol: float = 1e-9  # fast solver residual tolerance (||S|| = 1)
+    gap_tol: float = 1e-7  # lambda3 - lambda2 below this: the cut is undefined, the stage mask is empty
     batch_size: int = 8
     num_workers: int = 4  # image decoding workers
     crf_workers: int = 0  # CRF process pool size; 0 = number of CPU cores
+    torch_threads: int = 0  # main-process torch intra-op threads; 0 = leave torch's default (1 helps busy CPU nodes)
     dtype: str = "auto"  # ViT autocast dtype on GPU: "auto" | "bfloat16" | "float16" | "float32"
     device: str = "auto"
     dataset_path: str = ""  # empty = the embedded synthetic dataset
+    image_root: str = ""  # with a COCO JSON dataset_path: the folder its file names are relative to
     out_dir: str = "output/maskcut"
     chunk_size: int = 256  # images per atomically written result chunk
     shard_index: int = -1  # -1 = from torchrun's RANK (or 0)
