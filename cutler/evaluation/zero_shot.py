@@ -204,8 +204,10 @@ def run_corloc(model: Any, cfg: Any, datasets: Optional[Sequence[str]] = None,
             per[name] = result
     header = ["dataset", "CorLoc", "images", "correct"]
     rows = [[n, r["corloc"], r["num_images"], r["num_correct"]] for n, r in per.items()]
-    table = "Single-object discovery, CorLoc (%)\n" + text_table(header, rows)
     if per:
+        table = "Single-object discovery, CorLoc (%)\n" + text_table(header, rows)
         write_tables(out, "corloc", header, rows, {"corloc": per, "skipped": skipped}, title="CorLoc")
+    else:
+        table = f"CorLoc: none of {names} is on disk"
     printer(table)
     return {"corloc": per, "skipped": skipped, "table": table}
