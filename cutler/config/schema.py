@@ -298,6 +298,9 @@ class EvalConfig:
     )
     max_dets: int = 100
     batch_size: int = 2
+    chunk_size: int = 500  # images per atomically committed result chunk (what a killed run can lose)
+    resume: bool = True  # rerun skips images already in committed chunks
+    corloc_datasets: List[str] = _list("voc07_trainval", "voc12_trainval", "coco20k")  # single-object discovery
 
 
 @dataclass

@@ -107,7 +107,10 @@ def _register_builtins() -> None:
     r("coco20k", "coco/train2014", "coco/annotations/coco20k_trainval_gt.json")
     r("lvis_val", "coco", "lvis/lvis_v1_val_cls_agnostic.json")
     r("uvo_val", "uvo/all_UVO_frames", "uvo/annotations/UVO_frame_val_cls_agnostic.json")
-    r("voc07_trainval", "voc/VOC2007/JPEGImages", "voc/annotations/voc07_trainval_cls_agnostic.json", has_masks=False)
+    r("voc07_trainval", "voc/VOC2007/JPEGImages", "voc/annotations/voc07_trainval_cls_agnostic.json", has_masks=False,
+      description="VOC2007 trainval, 5,011 images (CorLoc protocol)")
+    r("voc07_trainvaltest", "voc/VOC2007/JPEGImages", "voc/annotations/voc07_trainvaltest_cls_agnostic.json",
+      has_masks=False, description="VOC2007 trainval+test, 9,963 images (the paper's zero-shot VOC column)")
     r("voc12_trainval", "voc/VOC2012/JPEGImages", "voc/annotations/voc12_trainval_cls_agnostic.json", has_masks=False)
     r("kitti_trainval", "kitti/training/image_2", "kitti/annotations/kitti_trainval_cls_agnostic.json", has_masks=False)
     for name in ("clipart", "watercolor", "comic"):

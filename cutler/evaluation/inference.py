@@ -1,0 +1,400 @@
+"""Running a detector over a dataset: batched, sharded over ranks, streamed to disk, resumable.
+
+Layout under ``output_dir``::
+
+    chunks/r0003_000012.results.json   # detections of one chunk (COCO results list)
+    chunks/r0003_000012.done.json      # {"image_ids": [...], "failures": [...]}: the chunk's commit mark
+    coco_instances_results.json        # all chunks merged (written once every image is done)
+    failures.json                      # images that could not be read, with the reason
+
+A chunk counts only once its ``done`` file exists; both files are written atomically, results first,
+so a killed run leaves at most an orphan results file, which is ignored. A rerun skips every image
+named in a ``done`` file (also images recorded as failures), whatever world size wrote it.
+
+Images are sharded by position in the id-sorted list (``ids[rank::world_size]``) *before* finished
+images are removed, so concurrently starting ranks agree on their shards without talking.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+
+from ..utils.image import ImageReadError, read_image_rgb
+from ..utils.io import atomic_open, atomic_write_json
+from ..utils.logging import get_logger, get_rank, get_world_size
+
+logger = get_logger(__name__)
+
+RESULTS_FILE = "coco_instances_results.json"
+META_FILE = "inference_settings.json"
+FAILURES_FILE = "failures.json"
+_CHUNK_RE = re.compile(r"^r(\d+)_(\d+)\.done\.json$")
+
+
+# ------------------------------------------------------------------------------------ preprocessing
+def resized_shape(height: int, width: int, min_size: int, max_size: int) -> Tuple[int, int]:
+    """``(new_h, new_w)`` with the shortest edge ``min_size`` and the longest at most ``max_size``.
+
+    Detectron2's ``ResizeShortestEdge`` rule for testing; ``min_size <= 0`` keeps the size.
+    """
+    if min_size <= 0:
+        return height, width
+    scale = min_size / min(height, width)
+    if max_size > 0 and max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def prepare_input(image: np.ndarray, min_size: int, max_size: int) -> Dict[str, Any]:
+    """One model input from an ``(H, W, 3)`` uint8 RGB array.
+
+    Returns:
+        ``{"image": Tensor[3, h, w] uint8 RGB (resized), "height": H, "width": W}``.
+    """
+    h, w = image.shape[:2]
+    nh, nw = resized_shape(h, w, min_size, max_size)
+    if (nh, nw) != (h, w):
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return {"image": tensor, "height": h, "width": w}
+
+
+# ----------------------------------------------------------------------------------- result format
+def encode_masks(masks: np.ndarray) -> List[Dict[str, Any]]:
+    """``(N, H, W)`` bool masks -> N compressed RLEs with ``counts`` as str (JSON-ready)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_util.encode(np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def instances_to_coco_results(instances: Mapping[str, Any], image_id: Any, max_dets: int = 100,
+                              with_masks: bool = True, category_id: int = 1) -> List[Dict[str, Any]]:
+    """A model's per-image output -> COCO detection results (class-agnostic).
+
+    Args:
+        instances: ``{"boxes": [N,4] XYXY pixels, "scores": [N], "masks": [N,H,W] bool (optional)}``
+            as tensors or arrays, in the original image's pixels.
+        image_id: the dataset's image id.
+        max_dets: keep the ``max_dets`` highest scores.
+        with_masks: also encode ``masks`` as RLE ``segmentation`` (when present).
+
+    Returns:
+        ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation"?}]``.
+    """
+    def arr(x):
+        return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+    boxes = arr(instances["boxes"]).reshape(-1, 4).astype(np.float64)
+    scores = arr(instances["scores"]).reshape(-1).astype(np.float64)
+    order = np.argsort(-scores, kind="stable")[:max_dets]
+    masks = instances.get("masks") if with_masks else None
+    rles = encode_masks(arr(masks)[order]) if masks is not None else None
+    out = []
+    for j, i in enumerate(order):
+        x0, y0, x1, y1 = boxes[i]
+        r = {"image_id": image_id, "category_id": category_id,
+             "bbox": [round(float(x0), 3), round(float(y0), 3), round(float(x1 - x0), 3), round(float(y1 - y0), 3)],
+             "score": round(float(scores[i]), 5)}
+        if rles is not None:
+            r["segmentation"] = rles[j]
+        out.append(r)
+    return out
+
+
+# --------------------------------------------------------------------------------------- data input
+class ImageListDataset(torch.utils.data.Dataset):
+    """COCO image entries -> model inputs; unreadable images become ``{"image_id", "error"}`` records."""
+
+    def __init__(self, images: Sequence[Mapping[str, Any]], image_root: os.PathLike | str, min_size: int,
+                 max_size: int):
+        self.images = list(images)
+        self.image_root = Path(image_root)
+        self.min_size, self.max_size = min_size, max_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        img = self.images[i]
+        try:
+            rgb = read_image_rgb(self.image_root / img["file_name"])
+        except ImageReadError as e:
+            return {"image_id": img["id"], "file_name": img["file_name"], "error": e.reason}
+        item = prepare_input(rgb, self.min_size, self.max_size)
+        item["image_id"] = img["id"]
+        item["file_name"] = img["file_name"]
+        return item
+
+
+def _collate(batch):
+    return batch
+
+
+def get_dist_info() -> Tuple[int, int]:
+    """``(rank, world_size)`` from torch.distributed when initialised, else from torchrun/SLURM env vars."""
+    return get_rank(), get_world_size()
+
+
+def init_distributed_from_env(timeout_minutes: float = 180.0) -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE > 1``), pinning this rank to its GPU.
+
+    NCCL on CUDA, else Gloo. The long timeout covers rank 0 evaluating a large benchmark (Objects365)
+    while the other ranks already wait at the next dataset's barrier. Returns whether a group is active.
+    """
+    import datetime
+
+    if _dist_ready():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                         timeout=datetime.timedelta(minutes=timeout_minutes))
+    return True
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+# ------------------------------------------------------------------------------------------- chunks
+def finished_chunks(output_dir: os.PathLike | str) -> List[Tuple[Path, Path]]:
+    """``(done_file, results_file)`` of every committed chunk under ``output_dir/chunks``, sorted by name."""
+    chunk_dir = Path(output_dir) / "chunks"
+    if not chunk_dir.is_dir():
+        return []
+    out = []
+    for p in sorted(chunk_dir.iterdir()):
+        if _CHUNK_RE.match(p.name):
+            out.append((p, p.with_name(p.name[: -len(".done.json")] + ".results.json")))
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def finished_image_ids(output_dir: os.PathLike | str) -> set:
+    """Ids of every image in a committed chunk (including images recorded as failures)."""
+    done = set()
+    for done_file, _ in finished_chunks(output_dir):
+        done.update(_read_json(done_file)["image_ids"])
+    return done
+
+
+def iter_chunk_results(output_dir: os.PathLike | str) -> Iterator[Tuple[List[Any], List[Dict[str, Any]], List[Dict]]]:
+    """Yield ``(image_ids, results, failures)`` per committed chunk, first chunk first, without merging.
+
+    An image that appears in more than one chunk (two runs raced on it) is yielded only the first time.
+    Large prediction sets (self-training on ImageNet) can be consumed this way chunk by chunk.
+    """
+    seen: set = set()
+    for done_file, results_file in finished_chunks(output_dir):
+        done = _read_json(done_file)
+        ids = [i for i in done["image_ids"] if i not in seen]
+        keep = set(ids)
+        seen.update(keep)
+        results = [r for r in _read_json(results_file) if r["image_id"] in keep] if keep else []
+        failures = [f for f in done.get("failures", []) if f["image_id"] in keep]
+        yield ids, results, failures
+
+
+def merge_chunks(output_dir: os.PathLike | str) -> Path:
+    """Stream every committed chunk into ``output_dir/coco_instances_results.json`` (atomically).
+
+    Also writes ``failures.json``. Returns the results path.
+    """
+    output_dir = Path(output_dir)
+    path = output_dir / RESULTS_FILE
+    failures: List[Dict] = []
+    n = 0
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("[")
+        for _, results, fails in iter_chunk_results(output_dir):
+            failures.extend(fails)
+            for r in results:
+                f.write(("," if n else "") + json.dumps(r, separators=(",", ":")))
+                n += 1
+        f.write("]")
+    atomic_write_json(output_dir / FAILURES_FILE, failures, indent=1)
+    logger.info("merged %d detections into %s (%d unreadable images)", n, path, len(failures))
+    return path
+
+
+def _next_seq(output_dir: Path, rank: int) -> int:
+    seqs = [int(m.group(2)) for p, _ in finished_chunks(output_dir) if (m := _CHUNK_RE.match(p.name)) and int(m.group(1)) == rank]
+    # orphan results files (killed between the two writes) keep their number: never reuse it
+    for p in (output_dir / "chunks").glob(f"r{rank:04d}_*.results.json"):
+        seqs.append(int(p.name.split("_")[1].split(".")[0]))
+    return max(seqs, default=-1) + 1
+
+
+def _write_chunk(output_dir: Path, rank: int, seq: int, image_ids: List[Any], results: List[Dict],
+                 failures: List[Dict]) -> None:
+    stem = output_dir / "chunks" / f"r{rank:04d}_{seq:06d}"
+    with atomic_open(stem.with_name(stem.name + ".results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, separators=(",", ":"))
+    atomic_write_json(stem.with_name(stem.name + ".done.json"), {"image_ids": image_ids, "failures": failures})
+
+
+def _check_settings(output_dir: Path, settings: Dict[str, Any], resume: bool) -> bool:
+    """Refuse to resume chunks made with other settings (mixing them would corrupt the results).
+
+    Another test size, ``max_dets`` or image count, or masks wanted where the chunks have none, raises
+    ``ValueError``. Chunks with masks are resumed with masks even for a box-only run, so every chunk
+    of a folder stays alike. The first run writes ``inference_settings.json``.
+
+    Returns:
+        whether this run must encode masks.
+    """
+    path = output_dir / META_FILE
+    if resume and path.is_file() and finished_chunks(output_dir):
+        old = _read_json(path)
+        bad = [k for k in settings if k != "with_masks" and old.get(k) != settings[k]]
+        if settings["with_masks"] and not old.get("with_masks"):
+            bad.append("with_masks")
+        if bad:
+            changes = ", ".join(f"{k}: {old.get(k)} -> {settings[k]}" for k in bad)
+            raise ValueError(f"{output_dir} holds results made with other settings ({changes}); use another "
+                             f"output folder, or resume=False (eval.resume=false) to start over")
+        return bool(old.get("with_masks"))
+    atomic_write_json(path, settings, indent=1)
+    return settings["with_masks"]
+
+
+# ---------------------------------------------------------------------------------------- inference
+def run_inference(
+    model: Callable[[List[Dict[str, Any]]], List[Dict[str, Any]]],
+    images: Sequence[Mapping[str, Any]],
+    image_root: os.PathLike | str,
+    output_dir: os.PathLike | str,
+    *,
+    min_size: int = 800,
+    max_size: int = 1333,
+    batch_size: int = 2,
+    num_workers: int = 0,
+    chunk_size: int = 500,
+    max_dets: int = 100,
+    with_masks: bool = True,
+    resume: bool = True,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    progress: bool = True,
+) -> Optional[Path]:
+    """Run ``model`` over ``images`` and write COCO results (see the module docstring for the layout).
+
+    Args:
+        model: eval-mode callable following the detector interface: a list of
+            ``{"image": Tensor[3,h,w] uint8, "height", "width"}`` -> a list of ``{"instances": {...}}``.
+            ``torch.nn.Module``\\ s are put in eval mode for the run and restored afterwards.
+        images: COCO image entries (``id``, ``file_name`` relative to ``image_root``).
+        output_dir: where chunks and the merged results go.
+        min_size, max_size: test-time resize (shortest edge, longest-edge cap).
+        batch_size: images per model call.
+        num_workers: image decoding workers (DataLoader).
+        chunk_size: images per committed chunk (what a killed run can lose).
+        max_dets: detections kept per image (highest scores).
+        with_masks: encode predicted masks as RLE.
+        resume: skip images in committed chunks; ``False`` deletes previous chunks first.
+        rank, world_size: this process's shard; default from torch.distributed or the environment.
+        progress: tqdm bar on rank 0.
+
+    Returns:
+        Path of the merged results file when every image of the dataset is done (the merge happens on
+        rank 0 after a barrier under torch.distributed, otherwise in whichever process finishes last),
+        else ``None``.
+    """
+    from tqdm import tqdm
+
+    if rank is None or world_size is None:
+        rank, world_size = get_dist_info()
+    output_dir = Path(output_dir)
+    (output_dir / "chunks").mkdir(parents=True, exist_ok=True)
+    if not resume and rank == 0:
+        for p in (output_dir / "chunks").iterdir():
+            p.unlink()
+    if _dist_ready() and not resume:
+        torch.distributed.barrier()
+
+    with_masks = _check_settings(output_dir, {"min_size": min_size, "max_size": max_size, "max_dets": max_dets,
+                                 "with_masks": with_masks, "num_images": len(images)}, resume)
+    ordered = sorted(images, key=lambda im: (str(type(im["id"])), im["id"]))
+    all_ids = {im["id"] for im in ordered}
+    if len(all_ids) != len(ordered):
+        raise ValueError("image ids are not unique")
+    shard = ordered[rank::world_size]
+    done = finished_image_ids(output_dir) if resume else set()
+    todo = [im for im in shard if im["id"] not in done]
+    if len(todo) < len(shard):
+        logger.info("resuming: %d of %d images of shard %d/%d already done", len(shard) - len(todo), len(shard),
+                    rank, world_size)
+
+    was_training = bool(getattr(model, "training", False))
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    seq = _next_seq(output_dir, rank)
+    t0, n_done = time.perf_counter(), 0
+    try:
+        # one loader for the whole shard (workers start once); a chunk is committed every chunk_size images
+        loader = torch.utils.data.DataLoader(
+            ImageListDataset(todo, image_root, min_size, max_size), batch_size=batch_size, shuffle=False,
+            num_workers=num_workers, collate_fn=_collate)
+        ids: List[Any] = []
+        results: List[Dict[str, Any]] = []
+        failures: List[Dict[str, Any]] = []
+        bar = tqdm(total=len(todo), desc=f"inference {output_dir.name}", disable=not progress or rank != 0)
+        for batch in loader:
+            good = [b for b in batch if "error" not in b]
+            for b in batch:
+                if "error" in b:
+                    logger.warning("skipping unreadable image %s: %s", b["file_name"], b["error"])
+                    failures.append({"image_id": b["image_id"], "file_name": b["file_name"], "reason": b["error"]})
+            if good:
+                with torch.inference_mode():
+                    outputs = model([{k: b[k] for k in ("image", "height", "width")} for b in good])
+                for b, out in zip(good, outputs):
+                    results.extend(instances_to_coco_results(out["instances"], b["image_id"], max_dets, with_masks))
+            ids.extend(b["image_id"] for b in batch)
+            bar.update(len(batch))
+            if len(ids) >= chunk_size:
+                _write_chunk(output_dir, rank, seq, ids, results, failures)
+                seq, n_done = seq + 1, n_done + len(ids)
+                ids, results, failures = [], [], []
+        if ids:
+            _write_chunk(output_dir, rank, seq, ids, results, failures)
+            n_done += len(ids)
+        bar.close()
+    finally:
+        if isinstance(model, torch.nn.Module):
+            model.train(was_training)
+    if n_done:
+        dt = time.perf_counter() - t0
+        logger.info("rank %d: %d images in %.1fs (%.2f img/s)", rank, n_done, dt, n_done / max(dt, 1e-9))
+
+    if _dist_ready():
+        torch.distributed.barrier()
+        if rank != 0:
+            return None
+    if finished_image_ids(output_dir) >= all_ids:
+        merged = output_dir / RESULTS_FILE
+        chunks = finished_chunks(output_dir)
+        if n_done == 0 and merged.is_file() and merged.stat().st_mtime >= max(p.stat().st_mtime for p, _ in chunks):
+            return merged  # nothing new since the last merge
+        return merge_chunks(output_dir)
+    logger.info("rank %d finished its shard; other shards are still running (no merge yet)", rank)
+    return None

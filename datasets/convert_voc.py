@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Pascal VOC / Clipart / Watercolor / Comic XML -> class-agnostic COCO JSON (see datasets/README.md)."""
+import argparse
+
+import _cli  # noqa: F401  (puts the repository on sys.path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--root", required=True, help="folder with Annotations/, ImageSets/Main/, JPEGImages/")
+    p.add_argument("--splits", nargs="+", default=["trainval"], help="image sets, e.g. trainval test")
+    p.add_argument("--difficult", choices=["keep", "ignore", "drop"], default="keep")
+    p.add_argument("--output", required=True, help="output JSON")
+    args = p.parse_args(argv)
+    from cutler.evaluation.converters import convert_voc
+
+    _cli.finish(convert_voc(args.root, args.splits, difficult=args.difficult), args.output)
+
+
+if __name__ == "__main__":
+    main()

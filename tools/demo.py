@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Draw a detector's masks, boxes and scores over images.
+
+Example:
+    python tools/demo.py --input imgs/*.jpg photos/ --weights cutler_cascade_final.pth --output demo_out
+    python tools/demo.py --input img.jpg --output out --config-file tiny/synthetic_cascade   # random init
+
+Without --weights (and no model.weights in the config) the model is randomly initialised, with a loud
+warning: a smoke test of the pipeline, not a result.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cutler.config import add_config_arguments, config_from_args  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
+    parser.add_argument("--weights", default=None, help="model weights (.pth/.pkl); default model.weights")
+    parser.add_argument("--output", required=True, help="folder for the overlay PNGs")
+    parser.add_argument("--confidence", type=float, default=0.5, help="minimum score drawn")
+    add_config_arguments(parser, default_config="cutler/imagenet_cascade_demo")
+    args = parser.parse_args(argv)
+
+    from cutler.evaluation.demo import run_demo
+    from cutler.evaluation.evaluator import build_eval_model
+    from cutler.utils.logging import setup_logger
+
+    setup_logger()
+    cfg = config_from_args(args)
+    model = build_eval_model(cfg, args.weights)
+    written = run_demo(model, args.input, args.output, cfg.input.min_size_test, cfg.input.max_size_test,
+                       args.confidence)
+    print(f"wrote {len(written)} overlays to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
