@@ -3,7 +3,7 @@
 Our YAML files use the lower-case schema of :mod:`cutler.config.schema` and may inherit with
 ``_base_: relative/path.yaml`` (or a list of paths; later ones win, the file itself wins over all).
 A file whose top-level keys are UPPER_CASE (or that has ``_BASE_``) is a CutLER/Detectron2 config and
-goes through :func:`cutler.config.detectron2_import.import_detectron2_yaml`.
+goes through :func:`cutler.config.detectron2_yaml.import_detectron2_yaml`.
 
 Every key is checked against the schema: an unknown key raises :class:`ConfigKeyError` naming the
 key, the file it came from and its closest valid neighbour.
@@ -97,7 +97,7 @@ def read_yaml_with_bases(path: os.PathLike | str, _seen: Optional[set] = None) -
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a mapping at the top level, got {type(data).__name__}")
     if _is_detectron2_style(data):
-        from .detectron2_import import import_detectron2_yaml
+        from .detectron2_yaml import import_detectron2_yaml
 
         return import_detectron2_yaml(path)
     bases = data.pop("_base_", None) or []

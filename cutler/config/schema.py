@@ -2,14 +2,14 @@
 
 The tree mirrors Detectron2's ``CfgNode`` layout with lower-case names (``MODEL.ROI_HEADS.USE_DROPLOSS``
 becomes ``model.roi_heads.use_droploss``), so a CutLER/Detectron2 YAML maps onto it key for key
-(see :mod:`cutler.config.detectron2_import`). Sections that Detectron2 does not have (``maskcut``,
+(see :mod:`cutler.config.detectron2_yaml`). Sections that Detectron2 does not have (``maskcut``,
 ``selftrain``, ``eval``) are our own. Defaults are Detectron2's defaults unless a comment says otherwise;
 the CutLER recipes live in ``configs/``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 def _list(*values):
@@ -44,12 +44,13 @@ class FPNConfig:
     fuse_type: str = "sum"
 
 
+# Nested lists are typed List[Any]: OmegaConf cannot coerce ints inside List[List[float]].
 @dataclass
 class AnchorGeneratorConfig:
     name: str = "DefaultAnchorGenerator"
-    sizes: List[List[float]] = field(default_factory=lambda: [[32.0], [64.0], [128.0], [256.0], [512.0]])
-    aspect_ratios: List[List[float]] = field(default_factory=lambda: [[0.5, 1.0, 2.0]])
-    angles: List[List[float]] = field(default_factory=lambda: [[-90.0, 0.0, 90.0]])
+    sizes: List[Any] = field(default_factory=lambda: [[32.0], [64.0], [128.0], [256.0], [512.0]])
+    aspect_ratios: List[Any] = field(default_factory=lambda: [[0.5, 1.0, 2.0]])
+    angles: List[Any] = field(default_factory=lambda: [[-90.0, 0.0, 90.0]])
     offset: float = 0.0
 
 
@@ -114,7 +115,7 @@ class ROIBoxHeadConfig:
 
 @dataclass
 class ROIBoxCascadeHeadConfig:
-    bbox_reg_weights: List[List[float]] = field(
+    bbox_reg_weights: List[Any] = field(
         default_factory=lambda: [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]]
     )
     ious: List[float] = _list(0.5, 0.6, 0.7)

@@ -1,4 +1,4 @@
-"""Import CutLER / Detectron2 YAML configs (``_BASE_`` inheritance, UPPER_CASE keys) into our schema.
+"""Detectron2 YAML <-> our schema: import CutLER/Detectron2 configs (``_BASE_`` inheritance, UPPER_CASE keys), and export ours.
 
 The schema mirrors Detectron2's tree in lower case, so most keys map by lower-casing. What is left:
 - keys Detectron2 has but cutler does not implement: accepted only at their inert value
@@ -148,3 +148,40 @@ def import_detectron2_yaml(path: os.PathLike | str) -> dict:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return out
+
+
+# Our keys that Detectron2's config does not have: dropped when exporting for a Detectron2 build.
+CUTLER_ONLY_SECTIONS = ("maskcut", "selftrain", "eval")
+CUTLER_ONLY_KEYS = {
+    "model.channels_last", "datasets.root", "solver.checkpoint_keep_last", "solver.nan_policy", "solver.amp.dtype",
+}
+# Keys the CutLER fork adds to Detectron2's config.
+CUTLER_FORK_KEYS = {
+    "model.roi_heads.use_droploss", "model.roi_heads.droploss_iou_thresh", "solver.base_lr_multiplier",
+    "solver.base_lr_multiplier_names", "dataloader.copy_paste", "dataloader.copy_paste_rate",
+    "dataloader.copy_paste_min_ratio", "dataloader.copy_paste_max_ratio", "dataloader.copy_paste_random_num",
+    "dataloader.visualize_copy_paste", "test.no_segm",
+}
+
+
+def export_detectron2_yaml(cfg, include_cutler_fork_keys: bool = True) -> str:
+    """Our config as a Detectron2/CutLER YAML string (UPPER_CASE keys).
+
+    Args:
+        cfg: a config from :func:`cutler.config.load_config`.
+        include_cutler_fork_keys: keep the keys CutLER adds to Detectron2's config (DropLoss,
+            copy-paste, LR multipliers); drop them for a plain Detectron2 build.
+    """
+    container = OmegaConf.to_container(cfg, resolve=True)
+    out: dict = {}
+    for key, value in _flatten(container).items():
+        if key.split(".", 1)[0] in CUTLER_ONLY_SECTIONS or key in CUTLER_ONLY_KEYS:
+            continue
+        if not include_cutler_fork_keys and key in CUTLER_FORK_KEYS:
+            continue
+        node = out
+        parts = key.upper().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return yaml.safe_dump(out, sort_keys=True)

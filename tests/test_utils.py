@@ -1,0 +1,127 @@
+"""Utilities: robust image decoding of odd files, atomic writes, device selection, catalog, logging."""
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cutler.data.catalog import get_dataset
+from cutler.utils import DeviceUnavailableError, atomic_write_json, atomic_write_text, resolve_device
+from cutler.utils.image import ImageReadError, image_size, list_images, read_image_rgb
+
+
+def _save(img: Image.Image, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def test_decodes_every_odd_but_valid_image(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    cases = {
+        "gray.png": Image.fromarray(rgb[:, :, 0], "L"),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full((20, 30), 255, np.uint8)]), "RGBA"),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "palette.png": Image.fromarray(rgb).convert("P"),
+        "sixteen.png": Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257),
+    }
+    for name, img in cases.items():
+        out = read_image_rgb(_save(img, tmp_path / name))
+        assert out.shape == (20, 30, 3) and out.dtype == np.uint8, name
+    # 16-bit values scale to 8 bits exactly: v * 257 / 65535 * 255 == v.
+    assert np.array_equal(read_image_rgb(tmp_path / "sixteen.png")[:, :, 0], rgb[:, :, 0])
+    # Fully opaque RGBA keeps its colours.
+    assert np.array_equal(read_image_rgb(tmp_path / "rgba.png"), rgb)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.fromarray(np.zeros((10, 40, 3), np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    path = _save(img, tmp_path / "rot.jpg", exif=exif.tobytes())
+    assert read_image_rgb(path).shape == (40, 10, 3)
+    assert image_size(path) == (10, 40)
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("empty.jpg", b"", "empty"),
+    ("text.jpg", b"this is not an image", "not an image"),
+])
+def test_bad_files_raise_with_path_and_reason(tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError) as err:
+        read_image_rgb(path)
+    assert name in str(err.value) and reason in err.value.reason
+
+
+def test_truncated_and_tiny_images(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageReadError, match="trunc.jpg"):
+        read_image_rgb(tmp_path / "trunc.jpg")
+    _save(Image.new("RGB", (4, 4)), tmp_path / "tiny.png")
+    with pytest.raises(ImageReadError, match="too small"):
+        read_image_rgb(tmp_path / "tiny.png", min_size=8)
+    with pytest.raises(ImageReadError, match="not found"):
+        read_image_rgb(tmp_path / "missing.png")
+
+
+def test_list_images_recurses_and_sorts(tmp_path):
+    for p in ("b/x.JPEG", "a/y.png", "a/z.txt", "c.jpg"):
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / p).write_bytes(b"0")
+    assert list_images(tmp_path) == ["a/y.png", "b/x.JPEG", "c.jpg"]
+
+
+def test_atomic_write_keeps_old_content_on_failure(tmp_path):
+    path = tmp_path / "out.json"
+    atomic_write_json(path, {"a": 1})
+
+    class Boom:
+        pass
+
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"a": Boom()})
+    assert path.read_text() == '{"a": 1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    atomic_write_text(path, "x")
+    assert path.read_text() == "x"
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailableError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_catalog_resolves_under_root_and_suggests(tmp_path):
+    ds = get_dataset("coco_2017_val", tmp_path)
+    assert ds.image_root == (tmp_path / "coco/val2017").resolve() and not ds.exists()
+    with pytest.raises(KeyError, match="coco_2017_val"):
+        get_dataset("coco_2017_vall")
+
+
+def test_seed_everything_reproduces():
+    from cutler.utils import seed_everything
+
+    seed_everything(3)
+    a = (torch.rand(3), np.random.rand())
+    assert seed_everything(3) == 3
+    b = (torch.rand(3), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert seed_everything(-1) >= 0
+
+
+def test_overlay_draws_colours_inside_masks():
+    from cutler.utils.visualization import overlay_instances
+
+    img = np.zeros((20, 20, 3), np.uint8)
+    m = np.zeros((1, 20, 20), bool)
+    m[0, 5:15, 5:15] = True
+    out = overlay_instances(img, m, np.array([[5, 5, 15, 15]]), scores=[0.9])
+    assert out[10, 10].sum() > 0 and out[0, 19].sum() == 0 and img.sum() == 0
