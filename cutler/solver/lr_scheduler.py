@@ -18,6 +18,10 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from cutler.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
 
 def warmup_factor_at(it: int, method: str, warmup_iters: int, warmup_factor: float) -> float:
     """The warmup multiplier at iteration ``it``."""
@@ -48,7 +52,7 @@ class WarmupLRScheduler:
         if list(steps) != sorted(steps):
             raise ValueError(f"solver.steps must be increasing, got {list(steps)}")
         if name == "WarmupMultiStepLR" and any(s > max_iter for s in steps):
-            raise ValueError(f"solver.steps {list(steps)} go beyond solver.max_iter={max_iter}")
+            logger.warning("solver.steps %s go beyond solver.max_iter=%d: those LR steps never happen", list(steps), max_iter)
         self.optimizer = optimizer
         self.name, self.max_iter, self.steps, self.gamma = name, int(max_iter), [int(s) for s in steps], float(gamma)
         self.end_ratio = float(base_lr_end) / float(base_lr) if base_lr else 0.0
