@@ -14,9 +14,18 @@ import torch
 from cutler.config import load_config
 from cutler.engine import Checkpointer, NonFiniteLossError, launch, train
 from test_data_fixtures import register_tiny
-from test_trainer_fixtures import TinyDetector, tiny_overrides
+from test_trainer_fixtures import TinyDetector, child_main, tiny_overrides
 
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny model's ops are far faster on one thread than with an OpenMP pool on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -97,31 +106,33 @@ def test_resume_from_checkpoint_is_exact_with_workers_and_copy_paste(dataset, tm
     assert [r["total_loss"] for r in _metrics(part)] == [r["total_loss"] for r in rows_full]
 
 
-def _child(args, **kw):
+def _child(args, log):
+    """Run test_trainer_fixtures.child_main in a new interpreter, output to the file ``log``."""
     cmd = [sys.executable, str(HERE / "test_trainer_fixtures.py"), *map(str, args)]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(dataset, tmp_path):
     args = [dataset["image_root"], dataset["json_file"]]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
-    ref = _child(args + [ref_dir, 10, 0, 0.0])
-    victim = _child(args + [run_dir, 10, 0, 0.15])  # slow forward: still running after its 2nd checkpoint
+    victim = _child(args + [run_dir, 10, 0, 0.15], tmp_path / "victim.log")  # slow: still running after 2 checkpoints
+    procs = [victim]
     try:
+        child_main([str(a) for a in args + [ref_dir, 10, 0, 0.0]])  # the uninterrupted reference, in this process
         deadline = time.time() + 120
         while not (run_dir / "model_0000003.pth").exists():
-            assert victim.poll() is None and time.time() < deadline, victim.stdout.read() if victim.poll() else "timeout"
+            assert victim.poll() is None and time.time() < deadline, (tmp_path / "victim.log").read_text()
             time.sleep(0.02)
         victim.send_signal(signal.SIGKILL)
         victim.wait(30)
         assert victim.returncode == -signal.SIGKILL
         assert not (run_dir / "model_final.pth").exists()
-        assert ref.wait(120) == 0, ref.stdout.read()
-        resumed = _child(args + [run_dir, 10, 1, 0.0])
-        assert resumed.wait(120) == 0, resumed.stdout.read()
+        procs.append(_child(args + [run_dir, 10, 1, 0.0], tmp_path / "resumed.log"))
+        assert procs[-1].wait(120) == 0, (tmp_path / "resumed.log").read_text()
     finally:
-        for p in (ref, victim):
+        for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()

@@ -56,6 +56,11 @@ def _randint(generator: torch.Generator, lo: int, hi: int) -> int:
     return int(torch.randint(lo, hi + 1, (), generator=generator))
 
 
+def _mask_areas(masks: Tensor) -> Tensor:
+    """``(N,)`` int32 pixel counts of ``(N, H, W)`` bool masks (row sums in int32: ~10x faster than ``sum``)."""
+    return masks.view(torch.uint8).sum(2, dtype=torch.int32).sum(1, dtype=torch.int32)
+
+
 def paste_instances(target: Dict, source: Dict, params: CopyPasteParams, generator: torch.Generator) -> Dict:
     """Paste instances of ``source`` onto ``target`` (one pair of the batch); returns a new dict.
 
@@ -84,41 +89,43 @@ def paste_instances(target: Dict, source: Dict, params: CopyPasteParams, generat
     ph, pw = max(1, int(round(r * ht))), max(1, int(round(r * wt)))
     y0, x0 = _randint(generator, 0, ht - ph), _randint(generator, 0, wt - pw)
 
-    src_img = F.interpolate(source["image"][None].float(), size=(ph, pw), mode="bilinear", align_corners=False)[0]
-    src_img = src_img.round_().clamp_(0, 255).to(torch.uint8)
-    src_masks = F.interpolate(src_inst["masks"][chosen][None].float(), size=(ph, pw), mode="nearest")[0] > 0.5
-    pasted = torch.zeros((k, ht, wt), dtype=torch.bool)
-    pasted[:, y0:y0 + ph, x0:x0 + pw] = src_masks
-
+    # Everything pasted lies in the window [y0, y0 + ph) x [x0, x0 + pw): work there only.
+    win = (slice(None), slice(y0, y0 + ph), slice(x0, x0 + pw))
+    src_masks = F.interpolate(src_inst["masks"][chosen][None].to(torch.uint8), size=(ph, pw), mode="nearest")[0].bool()
     tgt_inst = target["instances"]
     tgt_masks = tgt_inst["masks"]
-    if tgt_masks.shape[0]:
+    m = tgt_masks.shape[0]
+    tgt_area = _mask_areas(tgt_masks)
+    if m:
         # ioy: intersection over the TARGET mask's area, for every (pasted, target) pair.
-        inter = pasted.flatten(1).float() @ tgt_masks.flatten(1).float().T  # [k, M]
-        area = tgt_masks.flatten(1).sum(1).clamp(min=1).float()
-        occludes = (inter / area >= OCCLUSION_THRESH).any(dim=1)
+        inter = src_masks.flatten(1).float() @ tgt_masks[win].flatten(1).float().T  # [k, M]
+        occludes = (inter / tgt_area.clamp(min=1).float() >= OCCLUSION_THRESH).any(dim=1)
     else:
         occludes = torch.zeros(k, dtype=torch.bool)
-    keep = ~occludes & pasted.flatten(1).any(dim=1)
-    pasted, chosen = pasted[keep], chosen[keep]
-    if pasted.shape[0] == 0:
+    keep = ~occludes & src_masks.flatten(1).any(dim=1)
+    src_masks, chosen = src_masks[keep], chosen[keep]
+    if src_masks.shape[0] == 0:
         return target
 
     # Later instances are on top: each pixel belongs to the highest index covering it.
-    order = torch.arange(1, pasted.shape[0] + 1, dtype=torch.int64)[:, None, None]
-    owner = (pasted.to(torch.int64) * order).amax(dim=0)  # [H, W], 0 = not pasted
-    pasted = owner[None] == order
-    nonempty = pasted.flatten(1).any(dim=1)
-    pasted, chosen = pasted[nonempty], chosen[nonempty]
+    order = torch.arange(1, src_masks.shape[0] + 1, dtype=torch.int64)[:, None, None]
+    owner = (src_masks.to(torch.int64) * order).amax(dim=0)  # [ph, pw], 0 = not pasted
+    src_masks = owner[None] == order
+    nonempty = src_masks.flatten(1).any(dim=1)
+    src_masks, chosen = src_masks[nonempty], chosen[nonempty]
     union = owner > 0
 
+    # uint8 bilinear resize: torch's fast path for images, 4x cheaper than going through float.
+    src_img = F.interpolate(source["image"][None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
     image = target["image"].clone()
-    canvas = torch.zeros_like(image)
-    canvas[:, y0:y0 + ph, x0:x0 + pw] = src_img
-    image[:, union] = canvas[:, union]
+    image[win] = torch.where(union, src_img, image[win])
 
-    tgt_masks = tgt_masks & ~union
-    alive = tgt_masks.flatten(1).any(dim=1)
+    tgt_masks = tgt_masks.clone()
+    removed = _mask_areas(tgt_masks[win] & union)
+    tgt_masks[win] &= ~union
+    alive = tgt_area - removed > 0
+    pasted = torch.zeros((src_masks.shape[0], ht, wt), dtype=torch.bool)
+    pasted[win] = src_masks
     masks = torch.cat([tgt_masks[alive], pasted], dim=0)
     classes = torch.cat([tgt_inst["classes"][alive], src_inst["classes"][chosen]], dim=0)
     out = dict(target)
