@@ -141,6 +141,9 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(dataset, tmp_path):
     for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
         assert torch.equal(va["momentum_buffer"], vb["momentum_buffer"])
     assert a["sampler"] == b["sampler"] and a["iteration"] == b["iteration"] == 10
+    # The log of the killed-and-resumed run is the uninterrupted one: lines after the checkpoint were redone.
+    losses = [[(r["iteration"], r["total_loss"]) for r in _metrics(d)] for d in (ref_dir, run_dir)]
+    assert losses[0] == losses[1] and [i for i, _ in losses[0]] == list(range(1, 11))
 
 
 def _ddp_main(dataset_args, out, ims):

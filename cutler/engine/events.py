@@ -8,6 +8,7 @@ from collections import deque
 from pathlib import Path
 from typing import Dict, Optional
 
+from cutler.utils.io import atomic_write_text
 from cutler.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -22,9 +23,10 @@ class MetricsWriter:
             ``tensorboard`` package is absent).
     """
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, start_iter: int = 0):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate(start_iter)
         self._tb = None
         if tensorboard:
             try:
@@ -33,6 +35,20 @@ class MetricsWriter:
                 self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
             except ImportError as e:  # pragma: no cover - tensorboard is a dependency
                 logger.warning("TensorBoard logging off: %s", e)
+
+    def _truncate(self, start_iter: int) -> None:
+        """Keep only lines of iterations <= ``start_iter``: a fresh run starts an empty file, a resumed one
+        drops what the interrupted run logged after its checkpoint (it is about to be redone)."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("iteration", 0) <= start_iter:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept) if start_iter > 0 else "")
 
     def write(self, iteration: int, scalars: Dict[str, float]) -> None:
         # One line per write, flushed: a killed run keeps every line written before it died.

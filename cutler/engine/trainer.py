@@ -166,7 +166,7 @@ class Trainer:
         self.last_good_checkpoint: Optional[Path] = None
         self._sampler_state: Optional[Dict] = None
         self._rng_state: Optional[Dict] = None
-        self.writer = MetricsWriter(self.output_dir) if self.rank == 0 else None
+        self.writer: Optional[MetricsWriter] = None  # opened by train(), once the start iteration is known
 
     # ------------------------------------------------------------------------------------------ setup
     def _device(self) -> torch.device:
@@ -332,6 +332,8 @@ class Trainer:
             # Last, after everything that could draw from the global generators during setup.
             restore_rng_state(self._rng_state)
         log_period, ckpt_period, eval_period = int(s.log_period), int(s.checkpoint_period), int(cfg.test.eval_period)
+        if self.rank == 0:
+            self.writer = MetricsWriter(self.output_dir, start_iter=self.start_iter)
         timer, data_time = IterationTimer(), 0.0
         skipped_images = 0
         self.model.train()
