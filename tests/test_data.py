@@ -156,3 +156,20 @@ def test_bad_image_is_skipped_not_fatal(tmp_path, caplog):
     assert len(batch["inputs"]) == 4
     assert str(bad) in batch["skipped"]
     assert all(d["file_name"] != str(bad) for d in batch["inputs"])
+
+
+def test_copy_paste_in_loader_and_visualization(tmp_path):
+    from cutler.config import load_config
+
+    register_tiny(tmp_path, "tiny_vis", num_images=4)
+    cfg = load_config(None, ["datasets.train=[tiny_vis]", f"datasets.root={tmp_path}", "model.roi_heads.num_classes=1",
+                             "solver.ims_per_batch=2", "dataloader.num_workers=0", "input.min_size_train=[32]",
+                             "dataloader.copy_paste=true", "dataloader.copy_paste_rate=1.0",
+                             "dataloader.visualize_copy_paste=true", f"output_dir={tmp_path}/out"])
+    batches = list(itertools.islice(build_train_loader(cfg, seed=0, rank=0, world_size=1), 2))
+    for b in batches:
+        for d in b["inputs"]:
+            inst = d["instances"]
+            assert torch.equal(inst["boxes"], masks_to_boxes(inst["masks"])) and inst["masks"].sum(0).max() <= 1
+    pngs = sorted(p.name for p in (tmp_path / "out" / "copy_paste_vis").glob("*.png"))
+    assert pngs == ["rank0_batch0_0.png", "rank0_batch0_1.png", "rank0_batch1_0.png", "rank0_batch1_1.png"]

@@ -1,5 +1,6 @@
 """The training engine with a tiny detector: loss decreases, checkpoints, NaN policy, exact resume, DDP."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -173,3 +174,35 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(dataset, t
         assert torch.allclose(v, two["model"][k], atol=1e-6, rtol=1e-5), k
         moved = max(moved, (v - init[k]).abs().max().item())
     assert moved > 1e-3  # the updates are real, far above the tolerance
+
+
+def test_auto_scale_workers_hand_computed():
+    from cutler.engine import auto_scale_workers
+
+    cfg = load_config(None, ["solver.ims_per_batch=16", "solver.base_lr=0.01", "solver.max_iter=160000",
+                             "solver.steps=[80000]", "solver.warmup_iters=1000", "solver.checkpoint_period=5000",
+                             "test.eval_period=10000", "solver.reference_world_size=8"])
+    s = auto_scale_workers(cfg, 2)
+    assert (s.solver.ims_per_batch, s.solver.max_iter, list(s.solver.steps), s.solver.warmup_iters) == (4, 640000, [320000], 4000)
+    assert s.solver.base_lr == pytest.approx(0.0025)
+    assert (s.solver.checkpoint_period, s.test.eval_period) == (20000, 40000)
+    assert auto_scale_workers(cfg, 8) is cfg
+    assert auto_scale_workers(load_config(None, []), 2).solver.ims_per_batch == 16  # reference 0: unchanged
+
+
+def test_bf16_autocast_on_cpu_and_eval_hook(dataset, tmp_path):
+    calls = []
+
+    def evaluate(model, cfg):
+        assert not model.training
+        calls.append(model.box.weight.detach().clone())
+        return {"fake/AP": float(len(calls))}
+
+    out = tmp_path / "bf16"
+    train(_cfg(dataset, out, max_iter=4, **{"solver.amp.enabled": "true", "solver.amp.dtype": "bfloat16",
+                                            "test.eval_period": 2}),
+          evaluate=evaluate, model_builder=lambda c: TinyDetector())
+    rows = _metrics(out)
+    assert [r["iteration"] for r in rows if "fake/AP" in r] == [2, 4]
+    assert all(math.isfinite(r["total_loss"]) for r in rows if "total_loss" in r)
+    assert not torch.equal(calls[0], calls[1])  # evaluated at two different points of training
