@@ -91,9 +91,10 @@ def test_nan_skip_skips_only_that_update(dataset, tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_resume_from_checkpoint_is_exact_with_workers_and_copy_paste(dataset, tmp_path):
+def test_resume_from_checkpoint_is_exact_with_workers_copy_paste_and_precise_bn(dataset, tmp_path):
     extra = {"dataloader.num_workers": 2, "dataloader.copy_paste": "true", "dataloader.copy_paste_rate": 1.0,
-             "solver.checkpoint_keep_last": 0}
+             "solver.checkpoint_keep_last": 0, "test.precise_bn.enabled": "true", "test.precise_bn.num_iter": 2,
+             "test.eval_period": 2}
     full = tmp_path / "full"
     ref = Checkpointer.load(train(_cfg(dataset, full, **extra), model_builder=lambda c: TinyDetector()))
     part = tmp_path / "part"

@@ -10,7 +10,8 @@ through :func:`cutler.engine.launch.launch` for several processes). One iteratio
    iteration and the term; the last good checkpoint stays) or skips the update;
 4. backward (through the fp16 grad scaler when used), clip (``solver.clip_gradients``), step, LR step;
 5. every ``solver.log_period`` iterations: console, ``metrics.jsonl``, TensorBoard; every
-   ``solver.checkpoint_period``: a checkpoint; every ``test.eval_period``: Precise BN, then ``evaluate``.
+   ``test.eval_period``: Precise BN (``test.precise_bn``); every ``solver.checkpoint_period``: a
+   checkpoint; then, at eval periods, ``evaluate``. At the end: Precise BN, ``model_final.pth``, ``evaluate``.
 
 Evaluation and Precise BN run inside a saved-and-restored RNG context, so a run resumed from a checkpoint
 replays the interrupted run exactly.
@@ -292,32 +293,30 @@ class Trainer:
         return loss_dict
 
     def run_evaluation(self, iteration: int) -> Dict[str, float]:
-        """Precise BN (``test.precise_bn``) then ``evaluate(model, cfg)`` on rank 0; logged and returned."""
+        """``evaluate(model, cfg)`` on rank 0 in eval mode; logged to metrics and returned."""
         results: Dict[str, float] = {}
-        with preserved_rng(self.device):
-            if self.cfg.test.precise_bn.enabled:
-                self.precise_bn()
-            if self.evaluate is not None and self.rank == 0:
-                model = unwrap(self.model)
-                model.eval()
-                try:
-                    with torch.no_grad():
-                        results = {k: float(v) for k, v in (self.evaluate(model, self.cfg) or {}).items()}
-                finally:
-                    model.train()
-                logger.info("evaluation at iteration %d: %s", iteration, results)
-                if self.writer is not None and results:
-                    self.writer.write(iteration, results)
+        if self.evaluate is not None and self.rank == 0:
+            model = unwrap(self.model)
+            model.eval()
+            try:
+                with preserved_rng(self.device), torch.no_grad():
+                    results = {k: float(v) for k, v in (self.evaluate(model, self.cfg) or {}).items()}
+            finally:
+                model.train()
+            logger.info("evaluation at iteration %d: %s", iteration, results)
+            if self.writer is not None and results:
+                self.writer.write(iteration, results)
         if self.world_size > 1:
             dist.barrier()
         return results
 
     def precise_bn(self) -> int:
-        """Recompute BatchNorm statistics over ``test.precise_bn.num_iter`` fresh training batches."""
+        """Recompute BatchNorm statistics over ``test.precise_bn.num_iter`` fresh training batches (a data
+        stream of its own, global RNGs untouched: the training trajectory does not change)."""
         n = int(self.cfg.test.precise_bn.num_iter)
         loader = build_train_loader(self.cfg, self.seed + PRECISE_BN_SEED_OFFSET)
         data = (move_to_device(b["inputs"], self.device) for b in loader)
-        with self._autocast():
+        with preserved_rng(self.device), self._autocast():
             used = update_bn_stats(unwrap(self.model), data, n)
         logger.info("precise BN: statistics recomputed over %d batches", used)
         return used
@@ -332,6 +331,7 @@ class Trainer:
             # Last, after everything that could draw from the global generators during setup.
             restore_rng_state(self._rng_state)
         log_period, ckpt_period, eval_period = int(s.log_period), int(s.checkpoint_period), int(cfg.test.eval_period)
+        precise_bn = bool(cfg.test.precise_bn.enabled)
         if self.rank == 0:
             self.writer = MetricsWriter(self.output_dir, start_iter=self.start_iter)
         timer, data_time = IterationTimer(), 0.0
@@ -362,14 +362,21 @@ class Trainer:
                     self.writer.write(done, scalars)
             elif loss_dict is None and self.rank == 0:
                 self.writer.write(done, {"skipped_step": 1})
+            # Precise BN before the checkpoint of the same iteration (as Detectron2's hook order), so that
+            # a run resumed from it holds the same BN statistics as the uninterrupted run.
+            evaluating = eval_period > 0 and done % eval_period == 0 and done < self.max_iter
+            if evaluating and precise_bn:
+                self.precise_bn()
             if ckpt_period > 0 and done % ckpt_period == 0 and done < self.max_iter:
                 self.save(Checkpointer.periodic_name(done), done, sampler_state)
-                timer.reset()
-            if eval_period > 0 and done % eval_period == 0 and done < self.max_iter:
+            if evaluating:
                 self.run_evaluation(done)
+            if evaluating or (ckpt_period > 0 and done % ckpt_period == 0):
                 timer.reset()
         final = self.output_dir / "model_final.pth"
         if self.start_iter < self.max_iter or not final.is_file():
+            if precise_bn:
+                self.precise_bn()
             self.save("model_final.pth", self.max_iter, sampler_state)
         if eval_period > 0 or self.evaluate is not None:
             self.run_evaluation(self.max_iter)
