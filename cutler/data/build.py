@@ -9,7 +9,6 @@ batches do not depend on the number of workers, on timing, or on whether the run
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -133,6 +132,9 @@ def build_train_loader(cfg, seed: int, state: Optional[Dict] = None, rank: Optio
     """
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
+    if str(cfg.dataloader.sampler_train) != "TrainingSampler":
+        raise ValueError(f"dataloader.sampler_train={cfg.dataloader.sampler_train!r}: only 'TrainingSampler' is "
+                         "implemented (the sampler of every CutLER recipe)")
     total = int(cfg.solver.ims_per_batch)
     if total % world_size:
         raise ValueError(f"solver.ims_per_batch={total} is not divisible by the number of processes {world_size}")

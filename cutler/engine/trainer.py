@@ -18,7 +18,7 @@ replays the interrupted run exactly.
 """
 from __future__ import annotations
 
-import math
+import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -173,8 +173,6 @@ class Trainer:
     def _device(self) -> torch.device:
         device = resolve_device(str(self.cfg.model.device))
         if device.type == "cuda" and self.world_size > 1:
-            import os
-
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
             torch.cuda.set_device(device)
         return device
