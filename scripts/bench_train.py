@@ -34,13 +34,15 @@ def bench_loader(cfg_overrides, num_workers: int, copy_paste: bool, batches: int
     it = iter(loader)
     for _ in range(warmup):
         next(it)
-    n_img, t0 = 0, time.perf_counter()
+    n_img, t0, c0 = 0, time.perf_counter(), time.process_time()
     for batch in itertools.islice(it, batches):
         n_img += len(batch["inputs"])
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     del it, loader
+    # main_cpu_ms_per_img: CPU time of the training process itself (workers excluded): what data loading
+    # takes away from the process that drives the GPU.
     return {"num_workers": num_workers, "copy_paste": copy_paste, "images": n_img, "seconds": round(dt, 3),
-            "img_per_s": round(n_img / dt, 2)}
+            "img_per_s": round(n_img / dt, 2), "main_cpu_ms_per_img": round(1000 * cpu / n_img, 1)}
 
 
 def bench_train(config_file: str, overrides, iters: int) -> dict:
@@ -85,8 +87,11 @@ def main(argv=None):
     p.add_argument("--max-size", type=int, default=1333)
     p.add_argument("--train-iters", type=int, default=5, help="0 skips the training benchmark")
     p.add_argument("--config-file", default="tiny/synthetic_cascade.yaml")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads of the main process (0: torch's default)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     from cutler.data.synthetic import ensure_synthetic_dataset
 
@@ -101,7 +106,7 @@ def main(argv=None):
                  f"input.max_size_train={args.max_size}", "dataloader.copy_paste_rate=1.0",
                  "dataloader.copy_paste_min_ratio=0.3", "seed=0"]
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-                         f"torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}",
+                         f"torch {torch.__version__}, {torch.get_num_threads()} main-process threads, CUDA {'yes' if torch.cuda.is_available() else 'no'}",
               "command": "python scripts/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "loader": []}
     for w in args.workers:
