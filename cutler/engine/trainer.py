@@ -74,7 +74,9 @@ def default_model_builder(cfg, device: torch.device) -> nn.Module:
     if cfg.model.weights:
         from cutler.modeling.checkpoint import load_weights
 
-        result = load_weights(model, str(cfg.model.weights))
+        # Shape mismatches (a predictor with another num_classes, e.g. COCO fine-tuning from a 1-class
+        # CutLER model) keep their fresh initialisation, as Detectron2's checkpointer does.
+        result = load_weights(model, str(cfg.model.weights), skip_mismatch=True)
         logger.info("initial weights from %s: %s", cfg.model.weights, result)
     return model
 
