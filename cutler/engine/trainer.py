@@ -247,8 +247,7 @@ class Trainer:
     def _check_finite(self, loss_dict: Dict[str, torch.Tensor]) -> Optional[tuple]:
         """``(term, value)`` of the first non-finite loss on any rank (all ranks get the same answer)."""
         values = torch.stack([v.detach().float() for v in loss_dict.values()])
-        bad = (~torch.isfinite(values)).to(torch.int64)
-        flag = bad.clone()
+        flag = (~torch.isfinite(values)).to(torch.int64)
         if self.world_size > 1:
             dist.all_reduce(flag)
         if not flag.any():
