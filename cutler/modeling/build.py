@@ -1,0 +1,55 @@
+"""``build_model(cfg)``: the detector described by ``cfg.model`` (Detectron2's config semantics)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..utils.device import resolve_device
+from .backbone import build_backbone
+from .meta_arch import GeneralizedRCNN, ProposalNetwork
+from .proposal_generator import build_rpn
+
+_AMP_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def amp_dtype_from_cfg(cfg) -> Optional[torch.dtype]:
+    """``cfg.solver.amp``: the autocast dtype, or ``None`` when AMP is off."""
+    amp = cfg.solver.amp
+    if not amp.enabled:
+        return None
+    if amp.dtype not in _AMP_DTYPES:
+        raise ValueError(f"solver.amp.dtype={amp.dtype!r}; choose one of {sorted(_AMP_DTYPES)}")
+    return _AMP_DTYPES[amp.dtype]
+
+
+def build_model(cfg, device: Optional[str] = None) -> nn.Module:
+    """Build the detector on ``device`` (default ``cfg.model.device``), randomly initialised.
+
+    ``cfg.model.meta_architecture``: "GeneralizedRCNN" (backbone + RPN + the ROI heads named by
+    ``cfg.model.roi_heads.name``) or "ProposalNetwork" (backbone + RPN). Weights are NOT loaded here:
+    call :func:`cutler.modeling.checkpoint.load_weights` with ``cfg.model.weights``. Autocast
+    (``cfg.solver.amp``) applies on CUDA only; ``cfg.model.channels_last`` converts the model and its
+    inputs to channels-last. Inputs are always RGB; ``cfg.input.format == "BGR"`` (weights trained on BGR
+    images, with ``pixel_mean``/``pixel_std`` in BGR order) flips them inside the model.
+    """
+    m = cfg.model
+    backbone = build_backbone(cfg)
+    shapes = backbone.output_shape()
+    rpn = build_rpn(cfg, shapes)
+    common = dict(pixel_mean=list(m.pixel_mean), pixel_std=list(m.pixel_std), amp_dtype=amp_dtype_from_cfg(cfg),
+                  channels_last=bool(m.channels_last), input_format=str(cfg.input.format))
+    if m.meta_architecture == "GeneralizedRCNN":
+        from .roi_heads import build_roi_heads
+
+        model: nn.Module = GeneralizedRCNN(backbone=backbone, proposal_generator=rpn,
+                                           roi_heads=build_roi_heads(cfg, shapes), mask_on=bool(m.mask_on), **common)
+    elif m.meta_architecture == "ProposalNetwork":
+        model = ProposalNetwork(backbone=backbone, proposal_generator=rpn, **common)
+    else:
+        raise ValueError(f"model.meta_architecture={m.meta_architecture!r}; choose GeneralizedRCNN or ProposalNetwork")
+    model.to(resolve_device(device or m.device))
+    if m.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model

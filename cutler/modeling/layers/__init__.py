@@ -1,0 +1,5 @@
+"""Layers shared by the detector: Detectron2-named conv wrapper and normalisation."""
+from .conv import Conv2d, c2_msra_fill, c2_xavier_fill
+from .norm import FrozenBatchNorm2d, get_norm
+
+__all__ = ["Conv2d", "FrozenBatchNorm2d", "c2_msra_fill", "c2_xavier_fill", "get_norm"]
