@@ -180,12 +180,11 @@ class Trainer:
         return device
 
     def _amp_dtype(self) -> Optional[torch.dtype]:
-        amp = self.cfg.solver.amp
-        if not amp.enabled:
-            return None
-        dtype = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(str(amp.dtype))
+        from cutler.modeling.build import amp_dtype_from_cfg
+
+        dtype = amp_dtype_from_cfg(self.cfg)
         if dtype is None:
-            raise ValueError(f"solver.amp.dtype must be float16 or bfloat16, got '{amp.dtype}'")
+            return None
         if self.device.type != "cuda" and dtype == torch.float16:
             logger.warning("solver.amp with float16 needs CUDA; training in float32 on %s (bfloat16 works on CPU)",
                            self.device.type)
