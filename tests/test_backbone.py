@@ -101,8 +101,22 @@ def test_resnet50_fpn_keys_are_detectron2_names(r50_fpn):
 def test_resnet101_block_counts():
     net = build_resnet_backbone(_cfg("model.resnets.depth=101"))
     assert [len(getattr(net, f"res{i}")) for i in range(2, 6)] == [3, 4, 23, 3]
-    with pytest.raises(ValueError, match="depth=34"):
-        build_resnet_backbone(_cfg("model.resnets.depth=34"))
+    with pytest.raises(ValueError, match="depth=26"):
+        build_resnet_backbone(_cfg("model.resnets.depth=26"))
+
+
+def test_resnet18_basic_blocks_names_shapes_and_strides():
+    net = build_resnet_backbone(_cfg("model.resnets.depth=18", "model.resnets.res2_out_channels=64"))
+    assert [len(getattr(net, f"res{i}")) for i in range(2, 6)] == [2, 2, 2, 2]
+    sd = net.state_dict()
+    # Detectron2's ResNet-18 keys: no conv3, a shortcut only where channels change (res3..res5).
+    assert "res2.0.conv2.norm.running_var" in sd and not any(".conv3." in k for k in sd)
+    assert "res2.0.shortcut.weight" not in sd and tuple(sd["res3.0.shortcut.weight"].shape) == (128, 64, 1, 1)
+    out = net(torch.zeros(1, 3, 64, 96))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "res2": (1, 64, 16, 24), "res3": (1, 128, 8, 12), "res4": (1, 256, 4, 6), "res5": (1, 512, 2, 3)}
+    with pytest.raises(ValueError, match="basic blocks"):
+        build_resnet_backbone(_cfg("model.resnets.depth=34", "model.resnets.res5_dilation=2"))
 
 
 def test_fpn_norm_gives_norm_keys_and_no_bias():

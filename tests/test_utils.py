@@ -104,6 +104,9 @@ def test_catalog_resolves_under_root_and_suggests(tmp_path):
     assert ds.image_root == (tmp_path / "coco/val2017").resolve() and not ds.exists()
     with pytest.raises(KeyError, match="coco_2017_val"):
         get_dataset("coco_2017_vall")
+    direct = get_dataset(f"{tmp_path}/labels/r1.json@{tmp_path}/imgs")
+    assert direct.json_file == tmp_path / "labels/r1.json" and direct.image_root == tmp_path / "imgs"
+    assert get_dataset(f"{tmp_path}/r1.json").image_root == tmp_path
 
 
 def test_seed_everything_reproduces():

@@ -151,7 +151,7 @@ def import_detectron2_yaml(path: os.PathLike | str) -> dict:
 
 
 # Our keys that Detectron2's config does not have: dropped when exporting for a Detectron2 build.
-CUTLER_ONLY_SECTIONS = ("maskcut", "selftrain", "eval")
+CUTLER_ONLY_SECTIONS = ("maskcut", "selftrain", "eval", "pipeline")
 CUTLER_ONLY_KEYS = {
     "model.channels_last", "datasets.root", "solver.checkpoint_keep_last", "solver.nan_policy", "solver.amp.dtype",
 }

@@ -265,12 +265,17 @@ class MaskCutConfig:
     crf: str = "auto"  # "pydensecrf" | "torch" | "none" | "auto" (torch on GPU, pydensecrf on CPU)
     crf_iou_thresh: float = 0.5  # masks whose CRF output overlaps the input less are discarded
     solver: str = "fast"  # "fast" (batched iterative, float32/64) | "exact" (float64 dense eigh)
+    solver_dtype: str = "float64"  # fast solver precision: "float64" | "float32" (float32 changes later stages)
+    solver_tol: float = 1e-9  # fast solver residual tolerance (||S|| = 1)
+    gap_tol: float = 1e-7  # lambda3 - lambda2 below this: the cut is undefined, the stage mask is empty
     batch_size: int = 8
     num_workers: int = 4  # image decoding workers
     crf_workers: int = 0  # CRF process pool size; 0 = number of CPU cores
+    torch_threads: int = 0  # main-process torch intra-op threads; 0 = leave torch's default (1 helps busy CPU nodes)
     dtype: str = "auto"  # ViT autocast dtype on GPU: "auto" | "bfloat16" | "float16" | "float32"
     device: str = "auto"
     dataset_path: str = ""  # empty = the embedded synthetic dataset
+    image_root: str = ""  # with a COCO JSON dataset_path: the folder its file names are relative to
     out_dir: str = "output/maskcut"
     chunk_size: int = 256  # images per atomically written result chunk
     shard_index: int = -1  # -1 = from torchrun's RANK (or 0)
@@ -298,6 +303,30 @@ class EvalConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """The one-command pipeline (``tools/run_pipeline.py``): MaskCut -> round 0 -> self-training -> evaluation."""
+
+    run_dir: str = "output/pipeline"
+    train_images: str = ""  # image folder or COCO JSON to discover objects in; "" = the synthetic train split
+    train_image_root: str = ""  # with a COCO JSON: the folder its file names are relative to
+    eval_datasets: List[str] = _list("synthetic_val")  # catalog names evaluated after every round
+    num_synthetic_train: int = 24  # embedded default: synthetic images to train on
+    num_synthetic_val: int = 8  # embedded default: held-out synthetic images
+    maskcut_config: str = "maskcut/tiny.yaml"  # a config file (name under configs/ or path) for the MaskCut stage
+    maskcut_overrides: List[str] = _list()
+    detector_config: str = "tiny/synthetic_cascade.yaml"  # the round-0 recipe
+    detector_overrides: List[str] = _list()  # applied to every round
+    # Self-training rounds change the round-0 recipe as the paper does (no DropLoss, copy-paste U(0.5, 1),
+    # init from the previous round, constant LR); add overrides (e.g. a lower LR) here.
+    selftrain_overrides: List[str] = _list("model.roi_heads.use_droploss=false", "dataloader.copy_paste_min_ratio=0.5",
+                                          "solver.gamma=1.0")
+    selftrain_max_iter: int = 0  # iterations per self-training round; 0 = the recipe's max_iter
+    num_overlays: int = 4  # held-out images drawn with each round's detections
+    overlay_score_thresh: float = 0.5
+    num_gpus: int = 1  # training processes on this machine (CPU processes without CUDA)
+
+
+@dataclass
 class CutlerConfig:
     """Root of the configuration tree."""
 
@@ -310,6 +339,7 @@ class CutlerConfig:
     maskcut: MaskCutConfig = field(default_factory=MaskCutConfig)
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     output_dir: str = "output"
     seed: int = -1  # -1 = derive from time (logged); >= 0 = deterministic
     cudnn_benchmark: bool = False

@@ -56,9 +56,19 @@ def default_datasets_root() -> Path:
 def get_dataset(name: str, root: Optional[os.PathLike | str] = None) -> ResolvedDataset:
     """Resolve a registered name to absolute paths (does not check that they exist).
 
+    A name that is not registered but names a COCO JSON file directly, ``labels.json`` or
+    ``labels.json@image_root``, resolves to that file (images beside it unless ``@image_root`` is
+    given; relative paths are taken from the working directory). Such names travel inside configs to
+    every process, where an in-process :func:`register_dataset` would not.
+
     Raises:
         KeyError: unknown name, with the closest registered names.
     """
+    if name not in _REGISTRY and (name.endswith(".json") or ".json@" in name):
+        json_part, _, image_part = name.partition("@")
+        json_file = Path(json_part).expanduser().resolve()
+        image_root = Path(image_part).expanduser().resolve() if image_part else json_file.parent
+        return ResolvedDataset(name, image_root, json_file, True)
     if name not in _REGISTRY:
         import difflib
 

@@ -1,4 +1,4 @@
-"""ResNet (bottleneck, 50/101/152) with Detectron2's module names and freezing semantics.
+"""ResNet (basic blocks 18/34, bottlenecks 50/101/152) with Detectron2's module names and freezing semantics.
 
 Module tree (so state-dict keys equal Detectron2's): ``stem.conv1`` (7x7/2 conv + ``.norm``),
 ``res2`` .. ``res5`` (``nn.Sequential`` of blocks), each block with ``conv1``/``conv2``/``conv3``
@@ -15,7 +15,8 @@ from torch.nn import functional as F
 from ..layers import Conv2d, FrozenBatchNorm2d, c2_msra_fill, get_norm
 from ..shape_spec import ShapeSpec
 
-NUM_BLOCKS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+NUM_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+BASIC_BLOCK_DEPTHS = (18, 34)
 
 
 class _Freezable(nn.Module):
@@ -75,6 +76,31 @@ class BottleneckBlock(_Freezable):
         out = F.relu_(self.conv1(x))
         out = F.relu_(self.conv2(out))
         out = self.conv3(out)
+        shortcut = self.shortcut(x) if self.shortcut is not None else x
+        return F.relu_(out + shortcut)
+
+
+class BasicBlock(_Freezable):
+    """Two 3x3 convs (stride on the first) with a projection shortcut when channels change: the
+    block of ResNet-18/34 (Detectron2 names ``conv1``, ``conv2``, ``shortcut``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1, norm: str = "BN"):
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.shortcut = None
+        if in_channels != out_channels:
+            self.shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False,
+                                   norm=get_norm(norm, out_channels))
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False,
+                            norm=get_norm(norm, out_channels))
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False,
+                            norm=get_norm(norm, out_channels))
+        for conv in (self.conv1, self.conv2, self.shortcut):
+            if conv is not None:
+                c2_msra_fill(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv2(F.relu_(self.conv1(x)))
         shortcut = self.shortcut(x) if self.shortcut is not None else x
         return F.relu_(out + shortcut)
 
@@ -149,6 +175,8 @@ def build_resnet_backbone(cfg, in_channels: int = 3) -> ResNet:
     depth = int(r.depth)
     if depth not in NUM_BLOCKS:
         raise ValueError(f"model.resnets.depth={depth} is not supported; choose one of {sorted(NUM_BLOCKS)}")
+    if depth in BASIC_BLOCK_DEPTHS and (r.res5_dilation != 1 or r.num_groups != 1):
+        raise ValueError(f"ResNet-{depth} (basic blocks) supports neither res5_dilation nor num_groups > 1")
     if r.res5_dilation not in (1, 2):
         raise ValueError(f"model.resnets.res5_dilation must be 1 or 2, got {r.res5_dilation}")
     norm = r.norm
@@ -164,6 +192,10 @@ def build_resnet_backbone(cfg, in_channels: int = 3) -> ResNet:
         first_stride = 1 if idx == 0 or (stage == 5 and dilation == 2) else 2
         blocks = []
         for b in range(NUM_BLOCKS[depth][idx]):
+            if depth in BASIC_BLOCK_DEPTHS:
+                blocks.append(BasicBlock(cin if b == 0 else cout, cout, stride=first_stride if b == 0 else 1,
+                                         norm=norm))
+                continue
             blocks.append(BottleneckBlock(cin if b == 0 else cout, cout, bottleneck_channels=bottleneck,
                                           stride=first_stride if b == 0 else 1, num_groups=r.num_groups,
                                           norm=norm, stride_in_1x1=r.stride_in_1x1, dilation=dilation))

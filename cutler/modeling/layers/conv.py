@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 class Conv2d(nn.Conv2d):
@@ -40,3 +41,14 @@ def c2_xavier_fill(module: nn.Module) -> None:
     nn.init.kaiming_uniform_(module.weight, a=1)
     if module.bias is not None:
         nn.init.constant_(module.bias, 0)
+
+
+def conv3x3_norm_relu(in_channels: int, out_channels: int, norm: str = "") -> Conv2d:
+    """3x3 conv (bias only without norm) + optional norm + ReLU, MSRA-initialised: the conv towers of
+    Detectron2's box and mask heads (keys ``<name>.weight``, ``<name>.norm.*``)."""
+    from .norm import get_norm
+
+    conv = Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=not norm,
+                  norm=get_norm(norm, out_channels), activation=F.relu)
+    c2_msra_fill(conv)
+    return conv

@@ -5,7 +5,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .layers import Conv2dNormReLU, c2_xavier_fill
+from ..layers import conv3x3_norm_relu, c2_xavier_fill
 
 __all__ = ["FastRCNNConvFCHead"]
 
@@ -30,7 +30,7 @@ class FastRCNNConvFCHead(nn.Sequential):
             raise ValueError("FastRCNNConvFCHead needs at least one conv or FC layer")
         channels = in_channels
         for k, dim in enumerate(conv_dims):
-            self.add_module(f"conv{k + 1}", Conv2dNormReLU(channels, dim, conv_norm))
+            self.add_module(f"conv{k + 1}", conv3x3_norm_relu(channels, dim, conv_norm))
             channels = dim
         size = channels * resolution * resolution
         for k, dim in enumerate(fc_dims):

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
-from .layers import Conv2dNormReLU, c2_msra_fill
+from ..layers import conv3x3_norm_relu, c2_msra_fill
 
 __all__ = ["MaskRCNNConvUpsampleHead", "crop_and_resize_masks", "mask_rcnn_loss", "mask_rcnn_inference"]
 
@@ -23,7 +23,7 @@ class MaskRCNNConvUpsampleHead(nn.Sequential):
         super().__init__()
         channels = in_channels
         for k in range(num_conv):
-            self.add_module(f"mask_fcn{k + 1}", Conv2dNormReLU(channels, conv_dim, norm))
+            self.add_module(f"mask_fcn{k + 1}", conv3x3_norm_relu(channels, conv_dim, norm))
             channels = conv_dim
         self.deconv = nn.ConvTranspose2d(channels, conv_dim, kernel_size=2, stride=2, padding=0)
         self.deconv_relu = nn.ReLU()

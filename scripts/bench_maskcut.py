@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Benchmark MaskCut: our batched pipeline vs a re-implementation of the published per-image path.
+
+Both run in the same process on the same images with the same (seeded random or --pretrain_path) ViT
+weights. Reported:
+
+* end to end img/s of our pipeline (``run_maskcut``: loader workers, batched ViT + NCut, CRF pool,
+  chunk writer) and its per-phase seconds;
+* the published path, one image at a time: PIL decode + Lanczos, ViT on one image, NCut with the
+  dense float64 generalized ``scipy.linalg.eigh`` per stage, pydensecrf per mask, resize + RLE;
+* the NCut phase alone on identical features: fast batched solver vs the per-image dense path, and
+  the agreement figure (mean per-stage mask IoU, fast vs exact; two empty masks count as agreeing).
+
+Example::
+
+    python scripts/bench_maskcut.py --num-images 4                    # ViT-B/8 at 480 (the defaults)
+    python scripts/bench_maskcut.py --num-images 8 --vit-arch small --patch-size 16 --fixed-size 224
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def stage_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(B, N, h, w)`` bool pairs -> ``(N,)`` mean IoU per stage (both empty = 1)."""
+    a, b = a.flatten(2), b.flatten(2)
+    inter = (a & b).sum(-1).double()
+    union = (a | b).sum(-1).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).mean(0)
+
+
+def main(argv=None) -> dict:
+    from PIL import Image
+    from scipy import ndimage
+
+    from cutler.config import MaskCutConfig
+    from cutler.maskcut.crf import pydensecrf_refine
+    from cutler.maskcut.dataset import list_dataset
+    from cutler.maskcut.ncut import maskcut_patches, upsample_stage_masks
+    from cutler.maskcut.pipeline import MaskCutModel, run_maskcut
+    from cutler.maskcut.postprocess import encode_mask, resize_mask
+    from cutler.utils.logging import setup_logger
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset-path", help="image folder (default: the synthetic val split)")
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--vit-arch", default="base")
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--fixed-size", type=int, default=480)
+    p.add_argument("--N", type=int, default=3)
+    p.add_argument("--tau", type=float, default=0.15)
+    p.add_argument("--pretrain_path", default="")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--crf-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave as is)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-published", action="store_true", help="only our pipeline (no dense per-image path)")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    setup_logger()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    if args.dataset_path:
+        root = args.dataset_path
+    else:
+        from cutler.data.synthetic import ensure_synthetic_dataset
+        root = str(ensure_synthetic_dataset()["val"].image_root)
+    records, _ = list_dataset(root)
+    records = records[: args.num_images]
+    cfg = MaskCutConfig(vit_arch=args.vit_arch, patch_size=args.patch_size, fixed_size=args.fixed_size, n=args.N,
+                        tau=args.tau, pretrain_path=args.pretrain_path, batch_size=args.batch_size,
+                        num_workers=args.num_workers, crf_workers=args.crf_workers, crf="pydensecrf",
+                        device=args.device, chunk_size=64)
+    model = MaskCutModel(cfg)
+    dev = model.device
+    res = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}".strip(),
+           "device": str(dev), "torch_threads": torch.get_num_threads(), "images": len(records),
+           "config": {"vit": f"{args.vit_arch}/{args.patch_size}", "fixed_size": args.fixed_size, "N": args.N,
+                      "tau": args.tau, "batch_size": args.batch_size, "crf_workers": args.crf_workers,
+                      "weights": args.pretrain_path or "random (seeded)"},
+           "command": " ".join(["python", "scripts/bench_maskcut.py"] + list(argv if argv is not None else sys.argv[1:]))}
+
+    # ---- ours, end to end
+    with tempfile.TemporaryDirectory() as tmp:
+        s = run_maskcut(cfg, records, tmp, progress=False, model=model)
+    ours = {"wall_s": s["wall_s"], "img_per_s": s["img_per_s"], "phase_s": s["phase_s"], "masks": s["annotations"]}
+    res["ours_end_to_end"] = ours
+
+    # ---- NCut phase on identical features: fast batched vs per-image dense
+    from cutler.maskcut.dataset import resize_for_maskcut
+    from cutler.utils.image import read_image_rgb
+
+    imgs = [resize_for_maskcut(read_image_rgb(r.path), cfg.fixed_size, cfg.patch_size) for r in records]
+    grid = (imgs[0][1].shape[0] // cfg.patch_size, imgs[0][1].shape[1] // cfg.patch_size)
+    feats = torch.cat([model.features([im[1] for im in imgs[i:i + cfg.batch_size]])
+                       for i in range(0, len(imgs), cfg.batch_size)])
+    t0 = time.perf_counter()
+    fast = [maskcut_patches(feats[i:i + cfg.batch_size], grid, cfg.n, cfg.tau, cfg.eps, "fast",
+                            solver_kwargs=model.solver_kwargs) for i in range(0, len(imgs), cfg.batch_size)]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t_fast = time.perf_counter() - t0
+    fast_masks = torch.cat([f.masks for f in fast]).cpu()
+    fast_cands = torch.cat([f.candidates for f in fast]).cpu()
+    fast_iters = torch.cat([f.iterations for f in fast])
+    res["ncut_fast"] = {"s": t_fast, "s_per_img": t_fast / len(imgs),
+                        "mean_block_products_per_stage": float(fast_iters[fast_iters > 0].double().mean())
+                        if (fast_iters > 0).any() else None,
+                        "dense_fallbacks": int((fast_iters < 0).sum())}
+
+    if not args.skip_published:
+        # ---- the published per-image path, re-implemented (same weights, one image at a time)
+        ph = dict.fromkeys(("decode", "vit", "ncut", "crf", "encode"), 0.0)
+        exact_masks, exact_cands = [], []
+        n_masks = 0
+        t_all = time.perf_counter()
+        for r in records:
+            t = time.perf_counter()
+            im = Image.open(r.path).convert("RGB")
+            width, height = im.size
+            fixed = np.array(im.resize((cfg.fixed_size, cfg.fixed_size), Image.LANCZOS))
+            ph["decode"] += time.perf_counter() - t
+            t = time.perf_counter()
+            f1 = model.features([fixed])
+            ph["vit"] += time.perf_counter() - t
+            t = time.perf_counter()
+            out = maskcut_patches(f1.double().float(), grid, cfg.n, cfg.tau, cfg.eps, "exact")
+            ph["ncut"] += time.perf_counter() - t
+            exact_masks.append(out.masks.cpu())
+            exact_cands.append(out.candidates.cpu())
+            up = upsample_stage_masks(out.masks, fixed.shape[:2])[0].cpu().numpy()
+            for m in up:
+                t = time.perf_counter()
+                crf = ndimage.binary_fill_holes(pydensecrf_refine(fixed, m.astype(np.float32)) >= 0.5)
+                union = (crf | m).sum()
+                keep = union > 0 and (crf & m).sum() / union >= 0.5
+                ph["crf"] += time.perf_counter() - t
+                t = time.perf_counter()
+                if keep and encode_mask(resize_mask(crf, width, height)) is not None:
+                    n_masks += 1
+                ph["encode"] += time.perf_counter() - t
+        wall = time.perf_counter() - t_all
+        res["published_path"] = {"wall_s": wall, "img_per_s": len(records) / wall, "phase_s": ph, "masks": n_masks}
+        exact = torch.cat(exact_masks)
+        iou = stage_iou(fast_masks, exact)
+        res["agreement_mean_stage_iou"] = [float(v) for v in iou]
+        res["agreement_mean"] = float(iou.mean())
+        # candidates = seed components before the stage filters: non-empty whenever the cut is defined
+        res["agreement_candidates_mean_stage_iou"] = [float(v) for v in stage_iou(fast_cands, torch.cat(exact_cands))]
+        res["nonempty_stage_masks"] = {"fast": int(fast_masks.flatten(2).any(-1).sum()),
+                                       "exact": int(exact.flatten(2).any(-1).sum()),
+                                       "of": int(exact.shape[0] * exact.shape[1])}
+        res["speedup"] = {"end_to_end": res["published_path"]["wall_s"] / ours["wall_s"],
+                          "ncut_phase_same_features": ph["ncut"] / t_fast,
+                          "ncut_phase_pipeline": ph["ncut"] / max(ours["phase_s"]["ncut"], 1e-9)}
+
+    print(json.dumps(res, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""The MaskCut driver end to end on small images: COCO output read back by pycocotools, bad inputs,
+sharding + merge, resume, CRF modes and post-processing."""
+import io
+import json
+import os
+import shutil
+import struct
+import sys
+import types
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+
+from cutler.config import MaskCutConfig
+from cutler.maskcut import pipeline as pl
+from cutler.maskcut.dataset import list_dataset, resolve_shard, select_job_folders, shard_records
+from cutler.maskcut.postprocess import encode_mask, postprocess_image, resize_mask
+from cutler.maskcut.writer import ShardWriter, chunk_files, merge_outputs
+
+FAST = MaskCutConfig(vit_arch="small", patch_size=16, fixed_size=64, n=3, batch_size=3, num_workers=0,
+                     crf_workers=-1, chunk_size=2, device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        return pl.MaskCutModel(FAST)
+
+
+def _scene(w, h, seed=0):
+    """An RGB uint8 picture with two flat rectangles on a noisy background."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+    img[h // 5:h // 2, w // 6:w // 2] = (220, 40, 40)
+    img[h // 2:4 * h // 5, w // 2:5 * w // 6] = (40, 200, 60)
+    return img
+
+
+def _png_with_huge_header(path, side=40000):
+    """A PNG whose header declares side x side pixels (a decompression bomb), a few bytes on disk."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A class-folder tree with good images and every kind of bad input."""
+    root = tmp_path_factory.mktemp("ds")
+    (root / "cls_a").mkdir()
+    (root / "cls_b").mkdir()
+    Image.fromarray(_scene(120, 80, 1)).save(root / "cls_a" / "wide.png")
+    Image.fromarray(_scene(70, 100, 2)).save(root / "cls_a" / "tall.jpg", quality=95)
+    Image.fromarray(_scene(96, 96, 3)).convert("L").save(root / "cls_a" / "gray.png")
+    rgba = Image.fromarray(_scene(90, 60, 4)).convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(root / "cls_b" / "rgba.png")
+    Image.fromarray(_scene(80, 64, 5)).convert("CMYK").save(root / "cls_b" / "cmyk.jpg")
+    deep = (np.asarray(Image.fromarray(_scene(72, 72, 6)).convert("L")).astype(np.uint16) * 257)
+    Image.fromarray(deep).save(root / "cls_b" / "deep16.png")
+    exif = Image.new("RGB", (100, 50))
+    exif.paste(Image.fromarray(_scene(100, 50, 7)))
+    ex = exif.getexif()
+    ex[0x0112] = 6  # rotate 90 degrees: displayed as 50 wide x 100 high
+    exif.save(root / "cls_b" / "exif_rot.jpg", exif=ex.tobytes())
+    Image.fromarray(_scene(1500, 1100, 8)).save(root / "cls_b" / "big.jpg", quality=80)
+    # bad ones
+    buf = io.BytesIO()
+    Image.fromarray(_scene(200, 150, 9)).save(buf, format="JPEG")
+    (root / "cls_b" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "cls_b" / "corrupt.jpg").write_bytes(os.urandom(2000))
+    (root / "cls_b" / "empty.png").write_bytes(b"")
+    (root / "cls_b" / "notimage.png").write_text("this is a text file, not a picture\n")
+    Image.fromarray(_scene(10, 12, 10)).save(root / "cls_b" / "tiny.png")
+    _png_with_huge_header(root / "cls_b" / "huge_bomb.png")
+    return root
+
+
+GOOD = {"cls_a/wide.png": (120, 80), "cls_a/tall.jpg": (70, 100), "cls_a/gray.png": (96, 96),
+        "cls_b/rgba.png": (90, 60), "cls_b/cmyk.jpg": (80, 64), "cls_b/deep16.png": (72, 72),
+        "cls_b/exif_rot.jpg": (50, 100), "cls_b/big.jpg": (1500, 1100)}
+BAD = {"cls_b/truncated.jpg": "truncated", "cls_b/corrupt.jpg": "not an image", "cls_b/empty.png": "empty",
+       "cls_b/notimage.png": "not an image", "cls_b/tiny.png": "too small", "cls_b/huge_bomb.png": "too large"}
+
+
+def test_end_to_end_bad_inputs_and_coco_output(tmp_path, dataset, model):
+    records, root = list_dataset(str(dataset))
+    assert [r.id for r in records] == list(range(1, len(records) + 1))
+    out = tmp_path / "out"
+    summary = pl.run_maskcut(FAST, records, str(out), progress=False, model=model)
+    assert summary["processed"] == len(GOOD) and summary["failed"] == len(BAD)
+    assert sum(summary["failures_by_reason"].values()) == len(BAD)
+    merged = out / "merged.json"
+    counts = merge_outputs(str(out), str(merged))
+    coco = COCO(str(merged))
+    assert coco.dataset["categories"] == [{"id": 1, "name": "fg", "supercategory": "fg"}]
+    by_name = {im["file_name"]: im for im in coco.dataset["images"]}
+    assert set(by_name) == set(GOOD)
+    for name, (w, h) in GOOD.items():  # width/height NOT swapped, EXIF orientation applied
+        assert (by_name[name]["width"], by_name[name]["height"]) == (w, h), name
+    ids = {r.file_name: r.id for r in records}
+    assert all(by_name[n]["id"] == ids[n] for n in GOOD)
+    anns = coco.dataset["annotations"]
+    assert anns, "random weights on these scenes still give masks; none means the pipeline dropped them"
+    assert counts["annotations"] == len(anns) == summary["annotations"]
+    assert len({a["id"] for a in anns}) == len(anns)
+    for a in anns:
+        im = coco.imgs[a["image_id"]]
+        assert isinstance(a["segmentation"]["counts"], str)
+        m = coco.annToMask(a)
+        assert m.shape == (im["height"], im["width"]) and m.sum() == a["area"] >= 1
+        ys, xs = np.nonzero(m)
+        assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    fails = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert {f["file_name"]: f for f in fails}.keys() == BAD.keys()
+    for f in fails:
+        assert BAD[f["file_name"]] in f["reason"], f
+
+
+def test_resume_and_shards_merge_without_duplicates_or_gaps(tmp_path, dataset, model):
+    records, _ = list_dataset(str(dataset))
+    good = [r for r in records if r.file_name in GOOD]
+    single = tmp_path / "single"
+    pl.run_maskcut(FAST, good, str(single), progress=False, model=model)
+    merge_outputs(str(single), str(single / "all.json"))
+    ref = json.loads((single / "all.json").read_text())
+
+    sharded = tmp_path / "sharded"
+    for k in range(3):
+        pl.run_maskcut(FAST, shard_records(good, k, 3), str(sharded), k, 3, progress=False, model=model)
+    # crash simulation: one shard lost its last chunk; a rerun redoes exactly those images
+    shard1 = sorted((sharded / "shards").iterdir())[1]
+    os.remove(chunk_files(shard1)[-1])
+    again = pl.run_maskcut(FAST, shard_records(good, 1, 3), str(sharded), 1, 3, progress=False, model=model)
+    assert again["skipped_already_done"] == 2 and again["processed"] == 1
+    rerun = pl.run_maskcut(FAST, shard_records(good, 1, 3), str(sharded), 1, 3, progress=False, model=model)
+    assert rerun["processed"] == 0 and rerun["skipped_already_done"] == 3
+    from cutler.maskcut.cli import merge_main
+
+    counts = merge_main(["--out-dir", str(sharded), "--save-path", str(sharded / "all.json")])  # merge_jsons.py
+    got = json.loads((sharded / "all.json").read_text())
+    assert counts["duplicates"] == 0
+    assert sorted((i["id"], i["file_name"]) for i in got["images"]) == sorted((i["id"], i["file_name"]) for i in ref["images"])
+    assert [a["id"] for a in got["annotations"]] == list(range(1, len(got["annotations"]) + 1))
+
+    def key(d):
+        return sorted((a["image_id"], a["segmentation"]["counts"]) for a in d["annotations"])
+    assert ref["annotations"] and key(got) == key(ref)  # batching and sharding do not change any mask
+
+
+def test_shard_helpers(monkeypatch, dataset):
+    records, _ = list_dataset(str(dataset))
+    parts = [shard_records(records, k, 4) for k in range(4)]
+    assert sorted(r.id for p in parts for r in p) == [r.id for r in records]
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    assert resolve_shard() == (2, 5) and resolve_shard(1, 3) == (1, 3)
+    job = select_job_folders(records, 1, 1)
+    assert job and all(r.file_name.startswith("cls_b/") for r in job)
+
+
+def test_coco_json_input(tmp_path, dataset):
+    images = [{"id": 100 + i, "file_name": n, "width": 0, "height": 0} for i, n in enumerate(sorted(GOOD))]
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps({"images": images}))
+    records, root = list_dataset(str(listing), str(dataset))
+    assert [r.id for r in records] == [100 + i for i in range(len(GOOD))]
+    assert os.path.isfile(records[0].path) and root == str(dataset)
+
+
+def test_postprocess_crf_fill_reject_and_encode():
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[16:48, 16:48] = 255
+    good = np.zeros((64, 64), bool)
+    good[18:46, 14:48] = True  # roughly the bright square
+    wrong = np.zeros((64, 64), bool)
+    wrong[0:6, 0:6] = True  # a corner of flat background: the CRF wipes it out -> rejected
+    anns, t = postprocess_image(img, np.stack([good, wrong, np.zeros_like(good)]), 128, 96)
+    assert len(anns) == 1 and anns[0]["stage"] == 0 and t["crf"] > 0
+    m = mask_util.decode(anns[0]["segmentation"])
+    assert m.shape == (96, 128)
+    sq = np.zeros((96, 128), bool)
+    sq[24:72, 32:96] = True
+    assert (m.astype(bool) & sq).sum() / (m.astype(bool) | sq).sum() > 0.9
+    none, _ = postprocess_image(img, np.stack([wrong]), 64, 64, crf="none")
+    assert len(none) == 1 and none[0]["area"] == 36
+    assert encode_mask(np.zeros((5, 5), bool)) is None
+    r = resize_mask(np.eye(4, dtype=bool).repeat(4, 0).repeat(4, 1), 32, 32)
+    assert r.shape == (32, 32) and r[0, 0] and not r[0, 31]
+
+
+def test_crf_modes_and_torch_crf_plugin(monkeypatch, tmp_path, dataset, model):
+    assert pl.resolve_crf_mode("auto", torch.device("cpu")) == "pydensecrf"
+    with pytest.raises(ValueError):
+        pl.resolve_crf_mode("bogus", torch.device("cpu"))
+    calls = []
+
+    def fake_refine(images, masks, params=None):
+        calls.append((tuple(images.shape), tuple(masks.shape)))
+        assert images.dtype == torch.uint8 and masks.dtype == torch.float32
+        up = torch.nn.functional.interpolate(masks[:, None], size=images.shape[1:3], mode="nearest")[:, 0]
+        return up > 0.5  # identity "CRF": the output equals the input mask
+
+    fake = types.ModuleType("cutler.maskcut.torch_crf")
+    fake.torch_crf_refine = fake_refine
+    monkeypatch.setitem(sys.modules, "cutler.maskcut.torch_crf", fake)
+    assert pl.resolve_crf_mode("torch", torch.device("cpu")) == "torch"
+    records, _ = list_dataset(str(dataset))
+    good = [r for r in records if r.file_name in ("cls_a/wide.png", "cls_a/gray.png")]
+    cfg_t = replace(FAST, crf="torch")
+    s_t = pl.run_maskcut(cfg_t, good, str(tmp_path / "t"), progress=False, model=model)
+    s_n = pl.run_maskcut(replace(FAST, crf="none"), good, str(tmp_path / "n"), progress=False, model=model)
+    assert calls and calls[0][0][1:] == (64, 64, 3)
+    assert s_t["crf"] == "torch" and s_t["annotations"] == s_n["annotations"] > 0
+    merge_outputs(str(tmp_path / "t"), str(tmp_path / "t.json"))
+    merge_outputs(str(tmp_path / "n"), str(tmp_path / "n.json"))
+    rle = [[a["segmentation"]["counts"] for a in json.loads((tmp_path / f"{k}.json").read_text())["annotations"]]
+           for k in "tn"]
+    assert rle[0] == rle[1]  # identity CRF + hole filling of solid masks == no CRF
+
+
+def test_process_pool_matches_inline(tmp_path, dataset, model):
+    records, _ = list_dataset(str(dataset))
+    good = [r for r in records if r.file_name in ("cls_a/wide.png", "cls_b/rgba.png", "cls_a/tall.jpg")]
+    pl.run_maskcut(FAST, good, str(tmp_path / "inline"), progress=False, model=model)
+    pl.run_maskcut(replace(FAST, crf_workers=1, num_workers=1), good, str(tmp_path / "pool"), progress=False,
+                   model=model)
+    out = []
+    for k in ("inline", "pool"):
+        merge_outputs(str(tmp_path / k), str(tmp_path / f"{k}.json"))
+        out.append(sorted((a["image_id"], a["segmentation"]["counts"])
+                          for a in json.loads((tmp_path / f"{k}.json").read_text())["annotations"]))
+    assert out[0] == out[1]
+
+
+def test_writer_torn_failure_line_and_chunk_numbering(tmp_path):
+    w = ShardWriter(tmp_path / "s", chunk_size=2)
+    for i in range(3):
+        w.add(i + 1, f"img{i}.png", 10, 20, [{"segmentation": {}, "area": 1.0, "bbox": [0, 0, 1, 1]}])
+    w.add_failure(9, "bad.png", "empty file")
+    w.close()
+    with open(tmp_path / "s" / "failures.jsonl", "a") as f:
+        f.write('{"id": 10, "file_na')  # torn by a crash
+    w2 = ShardWriter(tmp_path / "s", chunk_size=2)
+    assert all(w2.is_done(n) for n in ("img0.png", "img1.png", "img2.png", "bad.png"))
+    assert w2.next_chunk == 2 and not w2.is_done("img3.png")
+    w2.close()
+
+
+def test_cli_published_flags_and_overrides(tmp_path, dataset):
+    from cutler.maskcut.cli import args_to_overrides, build_parser, main
+
+    args = build_parser().parse_args(["--dataset-path", "x", "--vit-arch", "small", "--N", "2", "--tau", "0.2",
+                                      "--cpu", "--fixed_size", "64", "maskcut.chunk_size=5"])
+    ov = args_to_overrides(args)
+    assert 'maskcut.dataset_path="x"' in ov and "maskcut.n=2" in ov and "maskcut.device=cpu" in ov
+    sub = tmp_path / "flat"
+    sub.mkdir()
+    for n in ("cls_a/wide.png", "cls_b/rgba.png"):
+        shutil.copy(dataset / n, sub / Path(n).name)
+    (sub / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "cli"
+    summary = main(["--dataset-path", str(sub), "--out-dir", str(out), "--vit-arch", "small", "--patch-size", "16",
+                    "--fixed_size", "64", "--N", "2", "--cpu", "--num-workers", "0", "--no-progress",
+                    "maskcut.crf_workers=-1"])
+    assert summary["processed"] == 2 and summary["failed"] == 1
+    coco = COCO(summary["output_json"])
+    assert Path(summary["output_json"]).name == "flat_fixsize64_tau0.15_N2.json"
+    assert sorted(im["file_name"] for im in coco.dataset["images"]) == ["rgba.png", "wide.png"]
+    # random weights are seeded: a rerun into another folder writes the same masks
+    again = main(["--dataset-path", str(sub), "--out-dir", str(tmp_path / "cli2"), "--vit-arch", "small",
+                  "--patch-size", "16", "--fixed_size", "64", "--N", "2", "--cpu", "--num-workers", "0",
+                  "--no-progress", "--threads", "1", "maskcut.crf_workers=-1"])
+    a1, a2 = (json.loads(Path(s["output_json"]).read_text())["annotations"] for s in (summary, again))
+    assert a1 == a2
+
+
+def test_demo_writes_overlay_with_eigvec_panels(tmp_path, dataset):
+    from cutler.maskcut.demo import main as demo_main
+
+    out = tmp_path / "demo.png"
+    torch.manual_seed(0)
+    pic, anns = demo_main(["--img-path", str(dataset / "cls_a" / "wide.png"), "--output", str(out), "--vit-arch",
+                           "small", "--patch-size", "16", "--fixed_size", "64", "--N", "2", "--cpu",
+                           "--show-eigvecs"])
+    saved = np.asarray(Image.open(out).convert("RGB"))
+    assert saved.shape == pic.shape and saved.shape[0] == 80
+    assert saved.shape[1] == 120 + 2 * 80  # the picture, then one square eigenvector panel per stage
+    src = np.asarray(Image.open(dataset / "cls_a" / "wide.png").convert("RGB"))
+    assert (saved[:, :120] != src).any() == bool(anns)  # masks drawn iff any survived
+
+
+def test_real_torch_crf_close_to_pydensecrf(tmp_path, dataset, model):
+    """Integration with the real torch CRF when it is present (skipped otherwise)."""
+    pytest.importorskip("cutler.maskcut.torch_crf")
+    records, _ = list_dataset(str(dataset))
+    good = [r for r in records if r.file_name in ("cls_a/wide.png", "cls_b/rgba.png")]
+    out = {}
+    for mode in ("torch", "pydensecrf"):
+        pl.run_maskcut(replace(FAST, crf=mode), good, str(tmp_path / mode), progress=False, model=model)
+        merge_outputs(str(tmp_path / mode), str(tmp_path / f"{mode}.json"))
+        out[mode] = {(a["image_id"], a["stage"]): mask_util.decode(a["segmentation"]).astype(bool)
+                     for a in json.loads((tmp_path / f"{mode}.json").read_text())["annotations"]}
+    assert out["pydensecrf"], "expected at least one kept mask"
+    common = set(out["torch"]) & set(out["pydensecrf"])
+    assert len(common) >= len(out["pydensecrf"]) - 1
+    for k in common:
+        a, b = out["torch"][k], out["pydensecrf"][k]
+        assert (a & b).sum() / (a | b).sum() > 0.9
+
+
+def test_cli_torchrun_env_shards_then_merge(tmp_path, dataset, monkeypatch):
+    from cutler.maskcut.cli import main, merge_main
+
+    sub = tmp_path / "imgs"
+    sub.mkdir()
+    for n in ("cls_a/wide.png", "cls_b/rgba.png", "cls_a/gray.png"):
+        shutil.copy(dataset / n, sub / Path(n).name)
+    out = tmp_path / "out"
+    common = ["--dataset-path", str(sub), "--out-dir", str(out), "--vit-arch", "small", "--patch-size", "16",
+              "--fixed_size", "64", "--N", "2", "--cpu", "--num-workers", "0", "--no-progress", "maskcut.crf_workers=-1"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        s = main(common)
+        assert s["shard_index"] == rank and s["num_shards"] == 2 and "output_json" not in s
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000-of-00002", "shard-00001-of-00002"]
+    counts = merge_main(["--out-dir", str(out)])
+    merged = COCO(str(out / "merged.json"))
+    assert counts["images"] == 3 and sorted(merged.getImgIds()) == [1, 2, 3]  # ids = sorted-list index + 1
