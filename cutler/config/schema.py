@@ -191,7 +191,7 @@ class DataLoaderConfig:
 @dataclass
 class ClipGradientsConfig:
     enabled: bool = False
-    clip_type: str = "value"  # "value" | "norm"
+    clip_type: str = "value"  # "value" | "norm" (per parameter) | "full_model" (global norm), as Detectron2
     clip_value: float = 1.0
     norm_type: float = 2.0
 
@@ -228,6 +228,8 @@ class SolverConfig:
     clip_gradients: ClipGradientsConfig = field(default_factory=ClipGradientsConfig)
     amp: AMPConfig = field(default_factory=AMPConfig)
     nan_policy: str = "stop"  # ours: "stop" (keep the last good checkpoint and exit) | "skip" (skip the step)
+    log_period: int = 20  # ours: iterations between console / metrics.jsonl / TensorBoard lines
+    ddp_find_unused_parameters: bool = False  # ours: DistributedDataParallel(find_unused_parameters=...)
 
 
 # ---------------------------------------------------------------------------------------------- test
