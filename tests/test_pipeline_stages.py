@@ -36,15 +36,26 @@ def test_resume_after_failure_starts_at_first_unfinished(tmp_path):
     assert data["stages"]["b"]["attempts"] == 2 and data["stages"]["c"]["seconds"] >= 0
 
 
-def test_deleted_output_reruns_stage_and_plan_says_so(tmp_path):
+def test_deleted_output_reruns_that_stage_and_the_ones_after_it(tmp_path):
     calls = []
     run_stages(_stages(tmp_path, calls), tmp_path)
     (tmp_path / "b.txt").unlink()
     plan = describe_plan(_stages(tmp_path, []), Manifest(tmp_path))
-    assert "skip" in plan[0] and "run" in plan[1] and "skip" in plan[2]
+    assert "skip" in plan[0] and "run" in plan[1] and "run" in plan[2]
     calls.clear()
     run_stages(_stages(tmp_path, calls), tmp_path)
-    assert calls == ["b"]
+    assert calls == ["b", "c"]
+
+
+def test_stage_left_running_by_a_killed_process_is_redone(tmp_path):
+    calls = []
+    run_stages(_stages(tmp_path, calls), tmp_path)
+    m = Manifest(tmp_path)
+    m.stage("c")["status"] = "running"
+    m.save()
+    calls.clear()
+    run_stages(_stages(tmp_path, calls), tmp_path)
+    assert calls == ["c"] and Manifest(tmp_path).data["stages"]["c"]["attempts"] == 2
 
 
 def test_only_and_force_and_missing_inputs(tmp_path):
@@ -53,7 +64,10 @@ def test_only_and_force_and_missing_inputs(tmp_path):
         run_stages(_stages(tmp_path, calls), tmp_path, only=["b"])
     run_stages(_stages(tmp_path, calls), tmp_path)
     calls.clear()
-    run_stages(_stages(tmp_path, calls), tmp_path, force=["a"])
+    run_stages(_stages(tmp_path, calls), tmp_path, force=["b"])
+    assert calls == ["b", "c"]
+    calls.clear()
+    run_stages(_stages(tmp_path, calls), tmp_path, only=["a"], force=["a"])
     assert calls == ["a"]
     with pytest.raises(KeyError, match="unknown stage"):
         run_stages(_stages(tmp_path, calls), tmp_path, only=["zz"])

@@ -3,9 +3,9 @@
 The manifest (``run_dir/manifest.json``, rewritten atomically after every change) records for each
 stage its status (``pending`` | ``running`` | ``done`` | ``failed``), inputs, outputs, the config it
 ran with, start/end times and duration, and the metrics it returned. A rerun skips stages that are
-``done`` and whose outputs still exist, and starts again at the first unfinished one (a stage left
-``running`` by a killed process is redone from its start; stages write their outputs atomically or
-resume internally).
+``done`` and whose outputs still exist, and starts again at the first unfinished one; every stage
+after it runs again too, since its inputs may have changed (a stage left ``running`` by a killed
+process is redone from its start; stages write their outputs atomically or resume internally).
 """
 from __future__ import annotations
 
@@ -64,9 +64,11 @@ def _outputs_exist(stage: Stage) -> bool:
 def describe_plan(stages: Sequence[Stage], manifest: Manifest) -> List[str]:
     """One line per stage: what a run would do now (``skip`` or ``run``) and why."""
     lines = []
+    rerun_rest = False
     for i, st in enumerate(stages, 1):
         rec = manifest.data["stages"].get(st.name, {})
-        done = rec.get("status") == "done" and _outputs_exist(st)
+        done = rec.get("status") == "done" and _outputs_exist(st) and not rerun_rest
+        rerun_rest = rerun_rest or not done
         action = "skip (done)" if done else "run"
         outs = ", ".join(f"{k}={v}" for k, v in st.outputs.items())
         lines.append(f"{i:2d}. {st.name:<18} {action:<12} {st.description}" + (f"  -> {outs}" if outs else ""))
@@ -96,13 +98,15 @@ def run_stages(stages: Sequence[Stage], run_dir: Path, only: Optional[Sequence[s
         raise KeyError(f"unknown stage(s) {unknown}; stages are {names}")
     manifest.data["plan"] = names
     manifest.save()
+    rerun_rest = False  # once a stage runs, the ones after it must run on its new outputs
     for st in stages:
         if only is not None and st.name not in only:
             continue
         rec = manifest.stage(st.name)
-        if rec.get("status") == "done" and _outputs_exist(st) and st.name not in force:
+        if rec.get("status") == "done" and _outputs_exist(st) and st.name not in force and not rerun_rest:
             logger.info(f"[{st.name}] done earlier, skipping")
             continue
+        rerun_rest = only is None
         missing = [f"{k}={v}" for k, v in st.inputs.items() if not Path(v).exists()]
         if missing:
             raise FileNotFoundError(f"stage '{st.name}' needs inputs that do not exist: {missing}")
