@@ -1,11 +1,10 @@
 """Shared fixtures: a small synthetic dataset generated once per test session."""
-import os
-
 import pytest
 import torch
 
-# Two cores on CI: keep intra-op threads modest so parallel pieces (workers, pools) do not thrash.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the tests' tensors are small, and on a shared 2-core CI box a pool of OpenMP
+# threads spin-waits for milliseconds on every tiny op (measured: 1000x slower small batched matmuls).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,6 @@ from cutler.data.copy_paste import CopyPasteParams, copy_paste_batch, paste_inst
 from cutler.modeling.boxes import masks_to_boxes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Copy-paste runs in data-loader workers, which torch limits to one thread; tiny tensor ops are also
-    much slower with an OpenMP pool on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _sample(h, w, rects, value):

@@ -28,12 +28,6 @@ FAST = MaskCutConfig(vit_arch="small", patch_size=16, fixed_size=64, n=3, batch_
                      crf_workers=-1, chunk_size=2, device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,6 @@ from cutler.maskcut.vit import (CheckpointMismatchError, DinoFeatureExtractor, b
                                 interpolate_pos_embed, load_dino_checkpoint)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

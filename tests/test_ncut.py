@@ -26,13 +26,6 @@ def blob_features(b, h, w, c=32, k=4, noise=0.6, seed=0):
     return torch.stack(out)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI box is shared and oversubscribed: multi-threaded tiny matmuls then spin for milliseconds
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -315,16 +315,9 @@ def _jittered(g, n, frac):
     return boxes + (torch.rand(boxes.shape, generator=g) * 2 - 1) * frac * wh
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny ops: one thread is several times faster than two on a shared, busy CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-def test_overfit_recovers_gt_boxes_and_masks(one_thread):
+def test_overfit_recovers_gt_boxes_and_masks():
     torch.manual_seed(0)
     cfg = _cfg("CascadeROIHeads", "model.mask_on=true", "model.roi_box_head.fc_dim=128",
                "model.roi_mask_head.conv_dim=8", "model.roi_mask_head.num_conv=2",

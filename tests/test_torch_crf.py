@@ -18,13 +18,6 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: more than one intra-op thread makes torch crawl when the machine is busy.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _image(h, w, seed=0):

@@ -20,13 +20,6 @@ from test_trainer_fixtures import TinyDetector, child_main, tiny_overrides
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's ops are far faster on one thread than with an OpenMP pool on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
