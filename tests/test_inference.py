@@ -13,6 +13,8 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
+from cutler.data.mapper import shortest_edge_size
+
 from cutler.config import load_config
 from cutler.data.catalog import register_dataset
 from cutler.evaluation.evaluator import DatasetMissingError, evaluate_dataset
@@ -21,7 +23,6 @@ from cutler.evaluation.inference import (
     finished_image_ids,
     instances_to_coco_results,
     prepare_input,
-    resized_shape,
     run_inference,
 )
 
@@ -100,9 +101,9 @@ def _load_results(path):
 
 
 def test_resize_rule_and_input_format():
-    assert resized_shape(480, 640, 800, 1333) == (800, 1067)
-    assert resized_shape(100, 1000, 800, 1333) == (133, 1333)  # the long edge caps the scale
-    assert resized_shape(30, 40, 0, 1333) == (30, 40)
+    assert shortest_edge_size(480, 640, 800, 1333) == (800, 1067)
+    assert shortest_edge_size(100, 1000, 800, 1333) == (133, 1333)  # the long edge caps the scale
+    assert shortest_edge_size(30, 40, 0, 1333) == (30, 40)
     x = prepare_input(np.zeros((30, 40, 3), np.uint8), 15, 100)
     assert x["image"].shape == (3, 15, 20) and x["image"].dtype == torch.uint8
     assert (x["height"], x["width"]) == (30, 40)

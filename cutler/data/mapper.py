@@ -25,9 +25,13 @@ from .coco import segmentation_to_rle
 
 
 def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> Tuple[int, int]:
-    """Output ``(new_h, new_w)`` of Detectron2's ResizeShortestEdge for a ``h x w`` image."""
+    """Output ``(new_h, new_w)`` of Detectron2's ResizeShortestEdge for a ``h x w`` image: shortest edge
+    ``short``, longest at most ``max_size`` (``short <= 0`` keeps the size; ``max_size <= 0``: no cap).
+    Used for training and testing alike."""
+    if short <= 0:
+        return h, w
     scale = short / min(h, w)
-    if max(h, w) * scale > max_size:
+    if max_size > 0 and max(h, w) * scale > max_size:
         scale = max_size / max(h, w)
     return int(h * scale + 0.5), int(w * scale + 0.5)
 

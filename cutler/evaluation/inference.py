@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_util
 
+from ..data.mapper import shortest_edge_size
 from ..utils.image import ImageReadError, read_image_rgb
 from ..utils.io import atomic_open, atomic_write_json
 from ..utils.logging import get_logger, get_rank, get_world_size
@@ -41,19 +42,6 @@ _CHUNK_RE = re.compile(r"^r(\d+)_(\d+)\.done\.json$")
 
 
 # ------------------------------------------------------------------------------------ preprocessing
-def resized_shape(height: int, width: int, min_size: int, max_size: int) -> Tuple[int, int]:
-    """``(new_h, new_w)`` with the shortest edge ``min_size`` and the longest at most ``max_size``.
-
-    Detectron2's ``ResizeShortestEdge`` rule for testing; ``min_size <= 0`` keeps the size.
-    """
-    if min_size <= 0:
-        return height, width
-    scale = min_size / min(height, width)
-    if max_size > 0 and max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
 def prepare_input(image: np.ndarray, min_size: int, max_size: int) -> Dict[str, Any]:
     """One model input from an ``(H, W, 3)`` uint8 RGB array.
 
@@ -61,7 +49,7 @@ def prepare_input(image: np.ndarray, min_size: int, max_size: int) -> Dict[str, 
         ``{"image": Tensor[3, h, w] uint8 RGB (resized), "height": H, "width": W}``.
     """
     h, w = image.shape[:2]
-    nh, nw = resized_shape(h, w, min_size, max_size)
+    nh, nw = shortest_edge_size(h, w, min_size, max_size)
     if (nh, nw) != (h, w):
         image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
     tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
