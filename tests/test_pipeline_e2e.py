@@ -5,6 +5,7 @@ import json
 from pycocotools.coco import COCO
 
 from cutler.pipeline.cli import main
+from cutler.pipeline.runner import pseudo_mask_counts
 from cutler.pipeline.stages import Manifest
 
 TINY = [
@@ -43,6 +44,8 @@ def test_tiny_pipeline_runs_end_to_end_and_resumes_at_stage_boundaries(tmp_path,
     assert merge["kept_previous"] < merge["annotations"] <= merge["kept_predictions"] + merge["kept_previous"]
     labels1 = COCO(str(tmp_path / "run" / "labels" / "round1.json"))
     assert len(labels1.getAnnIds()) == merge["annotations"]
+    # The counts the report and summary print come from the manifest and match the label files.
+    assert pseudo_mask_counts(data, 1) == [len(labels0.getAnnIds()), len(labels1.getAnnIds())]
     assert (tmp_path / "run" / "report" / "report.md").read_text().count("\n| ") >= 2
     assert (tmp_path / "run" / "report" / "ap_per_round.png").stat().st_size > 0
     assert len(list((tmp_path / "run" / "overlays" / "round1").glob("*.png"))) == 1

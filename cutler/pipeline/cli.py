@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Optional, Sequence
 
 from cutler.config import add_config_arguments, config_from_args
 from cutler.utils.logging import setup_logger
 
-from .runner import PipelinePlan, save_run_config
+from .runner import PipelinePlan, pseudo_mask_counts, save_run_config
 from .stages import Manifest, describe_plan, run_stages
 
 
@@ -40,19 +39,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return {}
     save_run_config(plan)
     data = run_stages(stages, plan.run_dir, only=args.stage, force=args.force)
+    counts = pseudo_mask_counts(data, plan.rounds)
     summary = []
     for r in range(plan.rounds + 1):
         rec = data["stages"].get(f"eval_r{r}", {})
         if rec.get("status") == "done":
             metrics = ", ".join(f"{k} {v:.1f}" for k, v in rec.get("metrics", {}).items())
-            summary.append(f"round {r}: {_count(plan, r)} pseudo-masks | {metrics}")
+            summary.append(f"round {r}: {counts[r]} pseudo-masks | {metrics}")
     if summary:
         print("\n".join(summary))
     report = plan.run_dir / "report" / "report.md"
     if report.is_file():
         print(f"report: {report}\noverlays: {plan.run_dir / 'overlays'}")
     return data
-
-
-def _count(plan: PipelinePlan, r: int) -> int:
-    return len(json.loads(plan.labels(r).read_text())["annotations"])

@@ -168,11 +168,11 @@ class PipelinePlan:
         records, _ = list_dataset(source, str(self.train_images) if self.train_json is not None else None)
         summary = run_maskcut(mcfg.maskcut, records, mcfg.maskcut.out_dir, 0, 1, None, progress=True)
         counts = merge_outputs(mcfg.maskcut.out_dir, self.labels(0))
-        if counts.get("annotations", 0) == 0:
+        if counts["annotations"] == 0:
             raise RuntimeError(f"MaskCut produced no pseudo-masks on {source}: nothing to train on "
                                f"(summary: {summary.get('failures_by_reason')})")
         return {"images": summary.get("processed", 0) + summary.get("skipped_already_done", 0),
-                "failed": summary.get("failed", 0), "pseudo_masks": _count_annotations(self.labels(0)),
+                "failed": summary.get("failed", 0), "pseudo_masks": counts["annotations"],
                 "img_per_s": summary.get("img_per_s")}
 
     def _run_train(self, r: int) -> Dict[str, Any]:
@@ -184,7 +184,7 @@ class PipelinePlan:
         else:
             train(rcfg, resume=True)  # resume: a killed round continues from its last checkpoint
         metrics_file = Path(rcfg.output_dir) / "metrics.jsonl"
-        return {"pseudo_masks": _count_annotations(self.labels(r)), **_last_losses(metrics_file)}
+        return _last_losses(metrics_file)
 
     def _load_model(self, r: int):
         from cutler.modeling.build import build_model
@@ -212,8 +212,7 @@ class PipelinePlan:
                 for key in ("AP", "AP50", "AR100"):
                     if key in values:
                         summary[f"{name}/{iou_type}/{key}"] = values[key]
-        logger.info("round %d: %d pseudo-masks; %s", r, _count_annotations(self.labels(r)),
-                    ", ".join(f"{k} {v:.1f}" for k, v in summary.items()))
+        logger.info("round %d: %s", r, ", ".join(f"{k} {v:.1f}" for k, v in summary.items()))
         return summary
 
     def _write_overlays(self, model, rcfg, r: int) -> None:
@@ -242,7 +241,7 @@ class PipelinePlan:
             raise RuntimeError(f"inference over the training images did not finish (see {self.predictions(r).parent})")
         if Path(out) != self.predictions(r):
             os.replace(out, self.predictions(r))
-        return {"images": len(images), "predictions": len(json.loads(self.predictions(r).read_text()))}
+        return {"images": len(images)}
 
     def _run_merge(self, r: int) -> Dict[str, Any]:
         from cutler.selftrain.merge import merge_self_training_labels
@@ -253,10 +252,13 @@ class PipelinePlan:
         return {"pseudo_masks": stats.annotations, **stats.as_dict()}
 
     def _run_report(self) -> Dict[str, Any]:
+        from .stages import Manifest
+
+        counts = pseudo_mask_counts(Manifest(self.run_dir).data, self.rounds)
         rows = []
         for r in range(self.rounds + 1):
             metrics = json.loads((self.eval_dir(r) / "metrics.json").read_text())
-            rows.append({"round": r, "pseudo_masks": _count_annotations(self.labels(r)), "metrics": metrics})
+            rows.append({"round": r, "pseudo_masks": counts[r], "metrics": metrics})
         path = write_report(rows, self.run_dir / "report", self.cfg.pipeline.eval_datasets)
         return {"report": str(path)}
 
@@ -268,10 +270,12 @@ def _train_entry(cfg_container: dict) -> None:
     train(OmegaConf.create(cfg_container), resume=True)
 
 
-def _count_annotations(path: Path) -> int:
-    if not Path(path).is_file():
-        return 0
-    return len(json.loads(Path(path).read_text()).get("annotations", []))
+def pseudo_mask_counts(manifest_data: Dict[str, Any], rounds: int) -> List[Optional[int]]:
+    """Pseudo-masks each round trained on, as recorded by the stages that wrote the label files
+    (``maskcut`` for round 0, ``merge_rR`` after), so no multi-GB label JSON is read again to count;
+    None for a round whose labels do not exist yet."""
+    names = ["maskcut"] + [f"merge_r{r}" for r in range(1, rounds + 1)]
+    return [manifest_data["stages"].get(n, {}).get("metrics", {}).get("pseudo_masks") for n in names]
 
 
 def _last_losses(metrics_file: Path) -> Dict[str, float]:
