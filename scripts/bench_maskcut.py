@@ -5,7 +5,9 @@ Both run in the same process on the same images with the same (seeded random or 
 weights. Reported:
 
 * end to end img/s of our pipeline (``run_maskcut``: loader workers, batched ViT + NCut, CRF pool,
-  chunk writer) and its per-phase seconds;
+  chunk writer) and its per-phase seconds, once per ``--crf`` mode (``pydensecrf`` in a process pool,
+  ``torch`` = the batched lattice CRF on the pipeline's device), with the agreement of each mode's final
+  masks with pydensecrf's (IoU per (image, stage); a mask kept by one mode only counts as IoU 0);
 * the published path, one image at a time: PIL decode + Lanczos, ViT on one image, NCut with the
   dense float64 generalized ``scipy.linalg.eigh`` per stage, pydensecrf per mask, resize + RLE;
 * the NCut phase alone on identical features: fast batched solver vs the per-image dense path, and
@@ -15,6 +17,7 @@ Example::
 
     python scripts/bench_maskcut.py --num-images 4                    # ViT-B/8 at 480 (the defaults)
     python scripts/bench_maskcut.py --num-images 8 --vit-arch small --patch-size 16 --fixed-size 224
+    python scripts/bench_maskcut.py --crf pydensecrf torch --skip-published   # the torch CRF row
 """
 from __future__ import annotations
 
@@ -40,6 +43,29 @@ def stage_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).mean(0)
 
 
+def final_mask_agreement(ref_json: str, other_json: str) -> dict:
+    """Agreement of two MaskCut outputs on the same images: IoU of the masks per (image, stage).
+
+    A mask present in one output only counts as IoU 0 (its CRF-IoU rejection went the other way).
+    """
+    from pycocotools import mask as mask_util
+
+    def load(path):
+        with open(path) as f:
+            return {(a["image_id"], a["stage"]): a["segmentation"] for a in json.load(f)["annotations"]}
+
+    ref, other = load(ref_json), load(other_json)
+    ious = []
+    for key in sorted(set(ref) | set(other)):
+        if key in ref and key in other:
+            ious.append(float(mask_util.iou([other[key]], [ref[key]], [0])[0, 0]))
+        else:
+            ious.append(0.0)
+    return {"masks_ref": len(ref), "masks_other": len(other), "pairs": len(ious),
+            "kept_by_one_only": sum(1 for k in set(ref) ^ set(other)),
+            "mean_iou": float(np.mean(ious)) if ious else None, "worst_iou": float(min(ious)) if ious else None}
+
+
 def main(argv=None) -> dict:
     from PIL import Image
     from scipy import ndimage
@@ -62,6 +88,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tau", type=float, default=0.15)
     p.add_argument("--pretrain_path", default="")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--crf", nargs="+", default=["pydensecrf"], choices=["pydensecrf", "torch", "none"],
+                   help="CRF mode(s) of our end-to-end run; the first is the one compared with the published path")
     p.add_argument("--crf-workers", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave as is)")
@@ -83,22 +111,41 @@ def main(argv=None) -> dict:
     records = records[: args.num_images]
     cfg = MaskCutConfig(vit_arch=args.vit_arch, patch_size=args.patch_size, fixed_size=args.fixed_size, n=args.N,
                         tau=args.tau, pretrain_path=args.pretrain_path, batch_size=args.batch_size,
-                        num_workers=args.num_workers, crf_workers=args.crf_workers, crf="pydensecrf",
+                        num_workers=args.num_workers, crf_workers=args.crf_workers, crf=args.crf[0],
                         device=args.device, chunk_size=64)
     model = MaskCutModel(cfg)
     dev = model.device
     res = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}".strip(),
            "device": str(dev), "torch_threads": torch.get_num_threads(), "images": len(records),
            "config": {"vit": f"{args.vit_arch}/{args.patch_size}", "fixed_size": args.fixed_size, "N": args.N,
-                      "tau": args.tau, "batch_size": args.batch_size, "crf_workers": args.crf_workers,
+                      "tau": args.tau, "batch_size": args.batch_size, "crf_workers": args.crf_workers, "crf": args.crf,
                       "weights": args.pretrain_path or "random (seeded)"},
            "command": " ".join(["python", "scripts/bench_maskcut.py"] + list(argv if argv is not None else sys.argv[1:]))}
 
-    # ---- ours, end to end
+    # ---- ours, end to end, once per CRF mode (same model, same images)
+    from dataclasses import replace
+
+    from cutler.maskcut.writer import merge_outputs
+
+    by_crf, merged = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        s = run_maskcut(cfg, records, tmp, progress=False, model=model)
-    ours = {"wall_s": s["wall_s"], "img_per_s": s["img_per_s"], "phase_s": s["phase_s"], "masks": s["annotations"]}
+        for mode in args.crf:
+            out_dir = os.path.join(tmp, mode)
+            s = run_maskcut(replace(cfg, crf=mode), records, out_dir, progress=False, model=model)
+            by_crf[mode] = {"wall_s": s["wall_s"], "img_per_s": s["img_per_s"], "phase_s": s["phase_s"],
+                            "masks": s["annotations"], "crf_masks_per_crf_s": None}
+            # CRF throughput per second of CRF time: for pydensecrf that time is summed over the pool's processes
+            # (so this is per process), for torch it is the wall time of the batched calls in the main process
+            n_crf = int(s["stage_status"].get("kept", 0))
+            if mode != "none" and s["phase_s"]["crf"] > 0:
+                by_crf[mode]["crf_masks_per_crf_s"] = n_crf / s["phase_s"]["crf"]
+            merged[mode] = merge_outputs(out_dir, os.path.join(tmp, f"{mode}.json")) and os.path.join(tmp, f"{mode}.json")
+        if "pydensecrf" in merged:
+            res["final_masks_vs_pydensecrf"] = {m: final_mask_agreement(merged["pydensecrf"], merged[m])
+                                                for m in merged if m != "pydensecrf"}
+    ours = by_crf[args.crf[0]]
     res["ours_end_to_end"] = ours
+    res["ours_end_to_end_by_crf"] = by_crf
 
     # ---- NCut phase on identical features: fast batched vs per-image dense
     from cutler.maskcut.dataset import resize_for_maskcut

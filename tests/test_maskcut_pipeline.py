@@ -207,9 +207,12 @@ def test_crf_modes_and_torch_crf_plugin(monkeypatch, tmp_path, dataset, model):
         pl.resolve_crf_mode("bogus", torch.device("cpu"))
     calls = []
 
-    def fake_refine(images, masks, params=None):
+    def fake_refine(images, masks, params=None, image_index=None):
         calls.append((tuple(images.shape), tuple(masks.shape)))
         assert images.dtype == torch.uint8 and masks.dtype == torch.float32
+        # each distinct image is sent once; image_index maps every mask to its image
+        assert image_index.shape == (masks.shape[0],) and int(image_index.max()) == images.shape[0] - 1
+        assert images.shape[0] == 1 or (images[1:] != images[:-1]).flatten(1).any(1).all()
         up = torch.nn.functional.interpolate(masks[:, None], size=images.shape[1:3], mode="nearest")[:, 0]
         return up > 0.5  # identity "CRF": the output equals the input mask
 
@@ -340,3 +343,42 @@ def test_cli_torchrun_env_shards_then_merge(tmp_path, dataset, monkeypatch):
     counts = merge_main(["--out-dir", str(out)])
     merged = COCO(str(out / "merged.json"))
     assert counts["images"] == 3 and sorted(merged.getImgIds()) == [1, 2, 3]  # ids = sorted-list index + 1
+
+
+def test_bench_maskcut_reports_torch_crf_row_and_final_mask_agreement(tmp_path):
+    """The end-to-end benchmark runs once per CRF mode and compares the final COCO masks of each mode with
+    pydensecrf's per (image, stage)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_maskcut", Path(__file__).resolve().parents[1] / "scripts" / "bench_maskcut.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    # the agreement figure on hand-made outputs: identical, shifted, and kept by one side only
+    def rle(box):
+        m = np.zeros((20, 20), np.uint8)
+        m[box[1]:box[3], box[0]:box[2]] = 1
+        r = mask_util.encode(np.asfortranarray(m))
+        r["counts"] = r["counts"].decode()
+        return r
+    ref = {"annotations": [{"image_id": 1, "stage": 0, "segmentation": rle((0, 0, 10, 10))},
+                           {"image_id": 1, "stage": 1, "segmentation": rle((10, 10, 20, 20))}]}
+    other = {"annotations": [{"image_id": 1, "stage": 0, "segmentation": rle((0, 0, 10, 10))},
+                             {"image_id": 1, "stage": 1, "segmentation": rle((10, 10, 20, 15))},
+                             {"image_id": 2, "stage": 0, "segmentation": rle((0, 0, 5, 5))}]}
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    agree = bench.final_mask_agreement(str(tmp_path / "ref.json"), str(tmp_path / "other.json"))
+    assert agree["pairs"] == 3 and agree["kept_by_one_only"] == 1
+    assert agree["mean_iou"] == pytest.approx((1.0 + 0.5 + 0.0) / 3) and agree["worst_iou"] == 0.0
+
+    res = bench.main(["--num-images", "2", "--vit-arch", "small", "--patch-size", "16", "--fixed-size", "64",
+                      "--batch-size", "2", "--num-workers", "0", "--crf-workers", "-1", "--device", "cpu",
+                      "--crf", "pydensecrf", "torch", "--skip-published"])
+    rows = res["ours_end_to_end_by_crf"]
+    assert set(rows) == {"pydensecrf", "torch"} and res["ours_end_to_end"] == rows["pydensecrf"]
+    assert all(r["masks"] > 0 and r["crf_masks_per_crf_s"] > 0 for r in rows.values())
+    torch_vs_ref = res["final_masks_vs_pydensecrf"]["torch"]
+    assert torch_vs_ref["masks_ref"] == rows["pydensecrf"]["masks"]
+    assert torch_vs_ref["mean_iou"] >= 0.98

@@ -263,7 +263,11 @@ def run_maskcut(cfg, records: Sequence[ImageRecord], out_dir: str, shard_index: 
 def _torch_crf(items: List[dict], up: np.ndarray, params: CRFParams, device: torch.device,
                timings: dict) -> List[List[np.ndarray]]:
     """Batched GPU CRF over every non-empty mask of the batch; per image a list of K label maps
-    (empty masks get an all-False map, which post-processing skips anyway)."""
+    (empty masks get an all-False map, which post-processing skips anyway).
+
+    Each distinct image goes to the device once (``image_index`` maps masks to images), so its lattices
+    are built once whatever its number of masks.
+    """
     from .torch_crf import torch_crf_refine
 
     t0 = time.perf_counter()
@@ -271,9 +275,12 @@ def _torch_crf(items: List[dict], up: np.ndarray, params: CRFParams, device: tor
     size = items[0]["image"].shape[:2]
     outs = [[np.zeros(size, dtype=bool) for _ in range(up.shape[1])] for _ in items]
     if which:
-        imgs = torch.from_numpy(np.stack([items[i]["image"] for i, _ in which])).to(device)
+        used = sorted({i for i, _ in which})
+        row = {i: r for r, i in enumerate(used)}
+        imgs = torch.from_numpy(np.stack([items[i]["image"] for i in used])).to(device)
+        index = torch.tensor([row[i] for i, _ in which], dtype=torch.int64, device=device)
         masks = torch.from_numpy(np.stack([up[i, k] for i, k in which])).to(device=device, dtype=torch.float32)
-        res = torch_crf_refine(imgs, masks, params).cpu().numpy()
+        res = torch_crf_refine(imgs, masks, params, image_index=index).cpu().numpy()
         for (i, k), r in zip(which, res):
             outs[i][k] = r
     _sync(device)
