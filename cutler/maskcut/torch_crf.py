@@ -133,9 +133,11 @@ class PermutohedralLattice:
         img_mult = mult[0] * radix[0]
         base = torch.arange(u, device=dev)[:, None] * img_mult + ((rem0_i - lo) * self._mult).sum(-1)  # (U, N)
         total_mult = int(sum(mult))
-        # wrap_r = sum_i mult_i [rank_i >= d + 1 - r]: scatter mult_i to its rank, then a suffix sum over ranks.
+        # wrap_r = sum_i mult_i [rank_i >= d + 1 - r]: place mult_i at its rank, then a suffix sum over ranks.
+        # The ranks of one point are a permutation, so a plain scatter_ (no accumulation, hence deterministic on
+        # CUDA too) is exact.
         by_rank = torch.zeros(u, n_all, d1 + 1, dtype=torch.int64, device=dev)
-        by_rank.scatter_add_(-1, rank_i[..., :d], self._mult.expand(u, n_all, d))
+        by_rank.scatter_(-1, rank_i[..., :d], self._mult.expand(u, n_all, d))
         suffix = by_rank.flip(-1).cumsum(-1).flip(-1)  # suffix[k] = sum over ranks >= k (suffix[d + 1] = 0)
         r_idx = torch.arange(d1, device=dev)
         codes = base[..., None] + r_idx * total_mult - d1 * suffix[..., d1 - r_idx]
@@ -226,9 +228,14 @@ class SeparableGaussian:
         """``(C, U, N)`` -> ``(C, U, N)`` float32 with ``N = H * W`` (row-major pixels)."""
         x = values.reshape(-1, 1, self.h, self.w)
         k = self.taps
+        # cuDNN runs float32 convolutions in TF32 by default on Ampere and later GPUs (10-bit mantissa, ~1e-3
+        # relative error), whatever the caller's other settings; TF32 never applies to float64, so on CUDA the
+        # two 1-D passes run in float64 (a few GFLOP per call) and the filter stays exact to float32 precision.
+        work = torch.float64 if x.is_cuda else torch.float32
+        x, k = x.to(work), k.to(work)
         x = F.conv2d(x, k.view(1, 1, 1, -1), padding=(0, self.radius))
         x = F.conv2d(x, k.view(1, 1, -1, 1), padding=(self.radius, 0))
-        return x.view(values.shape)
+        return x.to(values.dtype).view(values.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------
