@@ -99,3 +99,67 @@ def test_cli_and_errors(tmp_path):
     empty.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(ValueError, match="no images"):
         merge_self_training_labels(empty, chunks, tmp_path / "o.json")
+
+
+class _OneMaskModel:
+    """A stand-in detector: one confident 5x5 mask per image at the top-left corner."""
+
+    def __call__(self, batch):
+        import torch
+
+        out = []
+        for b in batch:
+            m = torch.zeros(1, b["height"], b["width"], dtype=torch.bool)
+            m[0, :5, :5] = True
+            out.append({"instances": {"boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0]]), "scores": torch.tensor([0.9]),
+                                      "masks": m}})
+        return out
+
+
+def test_merge_reads_an_inference_output_folder_once(tmp_path):
+    """The inference output folder holds the merged results, failures.json and the chunks: each prediction
+    must be read exactly once whichever of them is given, and a killed run's uncommitted chunk is ignored."""
+    from PIL import Image
+
+    from cutler.evaluation.inference import run_inference
+    from cutler.selftrain.merge import iter_predictions
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    images = []
+    for i in range(3):
+        Image.fromarray(np.full((H, W, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": H, "width": W})
+    (root / "bad.png").write_bytes(b"not an image")
+    images.append({"id": 9, "file_name": "bad.png", "height": H, "width": W})
+    out = tmp_path / "pred"
+    results = run_inference(_OneMaskModel(), images, root, out, min_size=H, max_size=1000, chunk_size=2,
+                            progress=False)
+    assert results is not None and json.loads((out / "failures.json").read_text())  # one unreadable image
+    # a killed run left a results file without its .done marker: not committed, must not count
+    (out / "chunks" / "r0_000099.results.json").write_text(json.dumps([{"image_id": 1, "score": 0.99,
+                                                                          "segmentation": rle(0, 20, 0, 30)}]))
+    for source in (results, out, out / "chunks"):
+        preds = [p for block in iter_predictions(source) for p in block]
+        assert sorted(p["image_id"] for p in preds) == [1, 2, 3], source
+    prev = tmp_path / "prev.json"
+    prev.write_text(json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "fg"}]}))
+    stats = merge_self_training_labels(prev, out, tmp_path / "next.json", score_thresh=0.7)
+    assert stats.kept_predictions == stats.annotations == 3
+    anns = COCO(str(tmp_path / "next.json")).dataset["annotations"]
+    assert sorted(a["image_id"] for a in anns) == [1, 2, 3] and all(a["area"] == 25 for a in anns)
+
+
+def test_large_results_list_is_streamed_in_blocks(tmp_path, monkeypatch):
+    """A results .json list is read element by element (bounded blocks), not json.load-ed whole."""
+    import cutler.utils.io as io_mod
+    from cutler.selftrain.merge import iter_predictions
+
+    preds = [{"image_id": 1 + i % 3, "score": 0.5 + (i % 5) / 10, "segmentation": rle(i % 10, 20, 0, 30)}
+             for i in range(25)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(preds))
+    real = io_mod.iter_json_array
+    monkeypatch.setattr(io_mod, "iter_json_array", lambda p: real(p, block_size=10, read_bytes=100))
+    blocks = list(iter_predictions(path))
+    assert [len(b) for b in blocks] == [10, 10, 5] and [p for b in blocks for p in b] == preds

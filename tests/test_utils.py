@@ -1,5 +1,6 @@
 """Utilities: robust image decoding of odd files, atomic writes, device selection, catalog, logging."""
 import io
+import json
 import os
 
 import numpy as np
@@ -128,3 +129,25 @@ def test_overlay_draws_colours_inside_masks():
     m[0, 5:15, 5:15] = True
     out = overlay_instances(img, m, np.array([[5, 5, 15, 15]]), scores=[0.9])
     assert out[10, 10].sum() > 0 and out[0, 19].sum() == 0 and img.sum() == 0
+
+
+def test_iter_json_array_streams_what_json_load_reads(tmp_path):
+    from cutler.utils.io import iter_json_array
+
+    tricky = 'a],[{"b\\'  # brackets, a quote and a backslash inside a string
+    items = [{"image_id": i, "score": i / 7, "segmentation": {"size": [3, 4], "counts": tricky + str(i)},
+              "nested": [[1, 2.5e-3, None, True], {"k": "é ∑"}]} for i in range(23)] + [17, -0.5, "x, ]", [], {}]
+    path = tmp_path / "results.json"
+    path.write_text("  \n[ " + ",\n ".join(json.dumps(x) for x in items) + " ]\n", encoding="utf-8")
+    for read_bytes in (1, 7, 64, 1 << 20):
+        blocks = list(iter_json_array(path, block_size=4, read_bytes=read_bytes))
+        assert [len(b) for b in blocks] == [4] * 7
+        assert [x for b in blocks for x in b] == json.loads(path.read_text(encoding="utf-8"))
+    (tmp_path / "empty.json").write_text("[]")
+    assert list(iter_json_array(tmp_path / "empty.json")) == []
+    bad = {"dict.json": '{"a": 1}', "trunc.json": '[{"a": 1}, {"b"', "noclose.json": '[{"a": 1}',
+           "sep.json": '[{"a": 1} {"b": 2}]', "blank.json": ""}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=name):
+            list(iter_json_array(tmp_path / name, read_bytes=5))

@@ -63,13 +63,27 @@ def select_labels(prev_rles: Sequence[Dict], pred_rles: Sequence[Dict], pred_sco
 
 
 def iter_predictions(source: os.PathLike | str) -> Iterator[List[Dict]]:
-    """Yield lists of COCO result dicts, one file at a time.
+    """Yield lists of COCO result dicts, a bounded block at a time (never the whole set).
 
-    ``source`` is a results ``.json`` (a list), a ``.jsonl`` file (one result per line, yielded in blocks),
-    or a folder of such files (read in sorted order, e.g. the chunked output of cutler's inference).
+    ``source`` is one of:
+
+    * cutler's inference output folder (it has ``chunks/``), or that ``chunks/`` folder: the committed chunks
+      are read one at a time, each image once (the merged ``coco_instances_results.json``, ``failures.json``
+      and chunks of killed runs beside them are not read again);
+    * a results ``.json`` (a list, streamed element by element; or a dict wrapping ``annotations``/``results``);
+    * a ``.jsonl`` file (one result per line);
+    * any other folder: its ``.json``/``.jsonl`` files, recursively, in sorted order.
     """
+    from cutler.evaluation.inference import finished_chunks, iter_chunk_results
+    from cutler.utils.io import iter_json_array
+
     source = Path(source)
     if source.is_dir():
+        for out_dir in (source, source.parent if source.name == "chunks" else None):
+            if out_dir is not None and finished_chunks(out_dir):
+                for _, results, _ in iter_chunk_results(out_dir):
+                    yield results
+                return
         files = sorted(p for p in source.rglob("*") if p.suffix in (".json", ".jsonl") and not p.name.startswith("."))
         if not files:
             raise FileNotFoundError(f"no .json/.jsonl prediction files in {source}")
@@ -90,9 +104,14 @@ def iter_predictions(source: os.PathLike | str) -> Iterator[List[Dict]]:
         if block:
             yield block
         return
+    with open(source, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("["):
+        yield from iter_json_array(source)
+        return
     with open(source) as f:
         data = json.load(f)
-    if isinstance(data, dict):  # an inference chunk may wrap its results
+    if isinstance(data, dict):  # a file may wrap its results
         data = data.get("annotations", data.get("results", []))
     if not isinstance(data, list):
         raise ValueError(f"{source}: expected a list of COCO results")

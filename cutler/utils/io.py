@@ -52,3 +52,80 @@ def atomic_torch_save(obj: Any, path: os.PathLike | str) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def iter_json_array(path: os.PathLike | str, block_size: int = 10000, read_bytes: int = 1 << 22,
+                    max_item_chars: int = 1 << 28) -> Iterator[list]:
+    """Stream the elements of a top-level JSON array from a file, ``block_size`` at a time.
+
+    Memory holds one block of elements and one read buffer (``read_bytes`` characters, more while one
+    element spans reads, up to ``max_item_chars``), never the whole file: a multi-GB COCO results list
+    can be consumed this way.
+
+    Raises:
+        ValueError: the file is not a JSON array, or it is malformed or truncated (message names the file
+            and the character offset).
+    """
+    decoder = json.JSONDecoder()
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        buf, pos, offset, eof = "", 0, 0, False
+
+        def fill() -> bool:
+            nonlocal buf, pos, offset, eof
+            more = f.read(read_bytes)
+            if not more:
+                eof = True
+                return False
+            offset += pos
+            buf, pos = buf[pos:] + more, 0
+            return True
+
+        def skip_space() -> None:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return
+
+        skip_space()
+        if pos >= len(buf) or buf[pos] != "[":
+            raise ValueError(f"{path}: expected a JSON array (a list of results)")
+        pos += 1
+        block: list = []
+        first = True
+        while True:
+            skip_space()
+            if pos >= len(buf):
+                raise ValueError(f"{path}: truncated JSON array (no closing ']')")
+            if buf[pos] == "]":
+                break
+            if not first:
+                if buf[pos] != ",":
+                    raise ValueError(f"{path}: expected ',' or ']' at character {offset + pos}")
+                pos += 1
+                skip_space()
+            # a number cut by the buffer's end ("2.5e" of "2.5e-3") would decode as a shorter number: keep a margin
+            # longer than any JSON number we write
+            while len(buf) - pos < 64 and fill():
+                pass
+            while True:
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                    # a number or literal cut at the buffer's end still decodes: make sure something follows
+                    if end == len(buf) and not eof and fill():
+                        continue
+                    break
+                except json.JSONDecodeError as e:
+                    # no element is that large: stop instead of reading a malformed file to its end
+                    if eof or len(buf) - pos > max_item_chars or not fill():
+                        raise ValueError(f"{path}: malformed JSON at character {offset + e.pos}: {e.msg}") from None
+            block.append(item)
+            pos = end
+            first = False
+            if len(block) >= block_size:
+                yield block
+                block = []
+        if block:
+            yield block
