@@ -11,7 +11,10 @@ weights. Reported:
 * the published path, one image at a time: PIL decode + Lanczos, ViT on one image, NCut with the
   dense float64 generalized ``scipy.linalg.eigh`` per stage, pydensecrf per mask, resize + RLE;
 * the NCut phase alone on identical features: fast batched solver vs the per-image dense path, and
-  the agreement figure (mean per-stage mask IoU, fast vs exact; two empty masks count as agreeing).
+  the agreement figure (mean per-stage mask IoU, fast vs exact; two empty masks count as agreeing);
+* with ``--dtype-agreement``: the stage masks from the ViT run at the configured autocast dtype (``--vit-dtype``;
+  bf16 on GPU by default) against the ViT in float32, same solver: what reduced precision costs in masks.
+  On a CPU pass ``--vit-dtype bfloat16`` to emulate the GPU default.
 
 Example::
 
@@ -94,6 +97,10 @@ def main(argv=None) -> dict:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave as is)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--vit-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="ViT autocast dtype (auto: bf16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype-agreement", action="store_true",
+                   help="also compare the stage masks of the --vit-dtype ViT with those of a float32 ViT")
     p.add_argument("--skip-published", action="store_true", help="only our pipeline (no dense per-image path)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
@@ -112,14 +119,14 @@ def main(argv=None) -> dict:
     cfg = MaskCutConfig(vit_arch=args.vit_arch, patch_size=args.patch_size, fixed_size=args.fixed_size, n=args.N,
                         tau=args.tau, pretrain_path=args.pretrain_path, batch_size=args.batch_size,
                         num_workers=args.num_workers, crf_workers=args.crf_workers, crf=args.crf[0],
-                        device=args.device, chunk_size=64)
+                        device=args.device, chunk_size=64, dtype=args.vit_dtype)
     model = MaskCutModel(cfg)
     dev = model.device
     res = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}".strip(),
            "device": str(dev), "torch_threads": torch.get_num_threads(), "images": len(records),
            "config": {"vit": f"{args.vit_arch}/{args.patch_size}", "fixed_size": args.fixed_size, "N": args.N,
                       "tau": args.tau, "batch_size": args.batch_size, "crf_workers": args.crf_workers, "crf": args.crf,
-                      "weights": args.pretrain_path or "random (seeded)"},
+                      "vit_dtype": args.vit_dtype, "weights": args.pretrain_path or "random (seeded)"},
            "command": " ".join(["python", "scripts/bench_maskcut.py"] + list(argv if argv is not None else sys.argv[1:]))}
 
     # ---- ours, end to end, once per CRF mode (same model, same images)
@@ -168,6 +175,23 @@ def main(argv=None) -> dict:
                         "mean_block_products_per_stage": float(fast_iters[fast_iters > 0].double().mean())
                         if (fast_iters > 0).any() else None,
                         "dense_fallbacks": int((fast_iters < 0).sum())}
+
+    if args.dtype_agreement:
+        model.extractor.amp_dtype = "float32"
+        feats32 = torch.cat([model.features([im[1] for im in imgs[i:i + cfg.batch_size]])
+                             for i in range(0, len(imgs), cfg.batch_size)])
+        model.extractor.amp_dtype = cfg.dtype
+        masks32 = torch.cat([maskcut_patches(feats32[i:i + cfg.batch_size], grid, cfg.n, cfg.tau, cfg.eps, "fast",
+                                             solver_kwargs=model.solver_kwargs).masks
+                             for i in range(0, len(imgs), cfg.batch_size)]).cpu()
+        sim_a = torch.nn.functional.normalize(feats.float(), dim=-1)
+        sim_b = torch.nn.functional.normalize(feats32.float(), dim=-1)
+        flipped = ((sim_a @ sim_a.transpose(1, 2) > cfg.tau) != (sim_b @ sim_b.transpose(1, 2) > cfg.tau))
+        res["agreement_vit_dtype_vs_float32"] = {
+            "vit_dtype": cfg.dtype, "device": str(dev),
+            "mean_stage_iou": [float(v) for v in stage_iou(fast_masks, masks32)],
+            "affinity_entries_flipped": float(flipped.double().mean()),
+            "feature_max_rel_diff": float(((feats.float() - feats32).norm(dim=-1) / feats32.norm(dim=-1).clamp(min=1e-12)).max())}
 
     if not args.skip_published:
         # ---- the published per-image path, re-implemented (same weights, one image at a time)

@@ -375,10 +375,14 @@ def test_bench_maskcut_reports_torch_crf_row_and_final_mask_agreement(tmp_path):
 
     res = bench.main(["--num-images", "2", "--vit-arch", "small", "--patch-size", "16", "--fixed-size", "64",
                       "--batch-size", "2", "--num-workers", "0", "--crf-workers", "-1", "--device", "cpu",
-                      "--crf", "pydensecrf", "torch", "--skip-published"])
+                      "--crf", "pydensecrf", "torch", "--skip-published", "--vit-dtype", "bfloat16",
+                      "--dtype-agreement"])
     rows = res["ours_end_to_end_by_crf"]
     assert set(rows) == {"pydensecrf", "torch"} and res["ours_end_to_end"] == rows["pydensecrf"]
     assert all(r["masks"] > 0 and r["crf_masks_per_crf_s"] > 0 for r in rows.values())
     torch_vs_ref = res["final_masks_vs_pydensecrf"]["torch"]
     assert torch_vs_ref["masks_ref"] == rows["pydensecrf"]["masks"]
     assert torch_vs_ref["mean_iou"] >= 0.98
+    dt = res["agreement_vit_dtype_vs_float32"]
+    assert dt["vit_dtype"] == "bfloat16" and len(dt["mean_stage_iou"]) == 3
+    assert 0 < dt["feature_max_rel_diff"] < 0.05 and 0 <= dt["affinity_entries_flipped"] < 0.05

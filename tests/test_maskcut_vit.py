@@ -49,6 +49,25 @@ def test_truncated_forward_equals_full_timm_forward(extractor):
     torch.testing.assert_close(feats, k, rtol=1e-5, atol=1e-5)
 
 
+def test_autocast_dtype_on_cpu(extractor):
+    """``auto`` is float32 on CPU; an explicit ``bfloat16`` runs the ViT in bf16 there too (close, not equal)."""
+    x = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    try:
+        ref = extractor(x)
+        extractor.amp_dtype = "auto"
+        assert torch.equal(extractor(x), ref)
+        extractor.amp_dtype = "bfloat16"
+        low = extractor(x)
+        assert low.dtype == torch.float32 and not torch.equal(low, ref)
+        rel = (low - ref).norm(dim=-1) / ref.norm(dim=-1)
+        assert float(rel.max()) < 0.05  # bf16 keeps 8 significant bits
+        extractor.amp_dtype = "int8"
+        with pytest.raises(ValueError, match="int8"):
+            extractor(x)
+    finally:
+        extractor.amp_dtype = "auto"
+
+
 def test_feature_kinds_and_other_grids():
     torch.manual_seed(0)
     with pytest.warns(UserWarning):

@@ -272,7 +272,7 @@ class MaskCutConfig:
     num_workers: int = 4  # image decoding workers
     crf_workers: int = 0  # CRF process pool size; 0 = number of CPU cores
     torch_threads: int = 0  # main-process torch intra-op threads; 0 = leave torch's default (1 helps busy CPU nodes)
-    dtype: str = "auto"  # ViT autocast dtype on GPU: "auto" | "bfloat16" | "float16" | "float32"
+    dtype: str = "auto"  # ViT autocast: "auto" (bf16 on GPU, float32 on CPU) | "bfloat16" | "float16" | "float32"
     device: str = "auto"
     dataset_path: str = ""  # empty = the embedded synthetic dataset
     image_root: str = ""  # with a COCO JSON dataset_path: the folder its file names are relative to

@@ -143,14 +143,22 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> 
     return torch.cat([cls_pe, grid], dim=1)
 
 
+AMP_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 def _autocast_context(device: torch.device, dtype: str):
-    if device.type != "cuda" or dtype == "float32":
+    """Autocast for the ViT forward: ``auto`` = bf16 (fp16 without bf16 support) on CUDA and float32 elsewhere;
+    an explicit ``bfloat16``/``float16`` also applies on CPU (to use bf16 CPUs, or to measure the effect of
+    reduced precision on the masks without a GPU)."""
+    if dtype not in AMP_DTYPES:
+        raise ValueError(f"unknown ViT dtype '{dtype}', expected one of {AMP_DTYPES}")
+    if dtype == "float32" or (dtype == "auto" and device.type != "cuda"):
         return nullcontext()
     if dtype == "auto":
         dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return torch.autocast("cuda", dtype=dt)
+    return torch.autocast(device.type, dtype=dt)
 
 
 class DinoFeatureExtractor(nn.Module):
@@ -161,8 +169,8 @@ class DinoFeatureExtractor(nn.Module):
         patch_size: 8 | 16.
         feat: ``"k"`` | ``"q"`` | ``"v"`` | ``"kqv"`` (concatenation k, q, v).
         pretrain_path: local DINO checkpoint; empty -> random init with a loud warning.
-        amp_dtype: GPU autocast dtype: ``"auto"`` (bf16 if supported else fp16) | ``"bfloat16"`` |
-            ``"float16"`` | ``"float32"`` (no autocast). Ignored on CPU (float32).
+        amp_dtype: autocast dtype: ``"auto"`` (on GPU bf16 if supported else fp16; float32 on CPU) |
+            ``"bfloat16"`` | ``"float16"`` (on any device) | ``"float32"`` (no autocast).
     """
 
     def __init__(self, arch: str = "base", patch_size: int = 8, feat: str = "k", pretrain_path: str = "",
