@@ -386,3 +386,25 @@ def test_bench_maskcut_reports_torch_crf_row_and_final_mask_agreement(tmp_path):
     dt = res["agreement_vit_dtype_vs_float32"]
     assert dt["vit_dtype"] == "bfloat16" and len(dt["mean_stage_iou"]) == 3
     assert 0 < dt["feature_max_rel_diff"] < 0.05 and 0 <= dt["affinity_entries_flipped"] < 0.05
+
+
+def test_masks_are_upsampled_to_the_fixed_size_image(tmp_path, dataset, model):
+    """fixed_size 88 with patch 16: the ViT sees 96 px (a patch multiple), but the stage masks are upsampled from
+    the patch grid straight to the 88 px image the CRF and the output use, as the spec says."""
+    from cutler.maskcut.dataset import resize_for_maskcut
+    from cutler.maskcut.ncut import upsample_stage_masks
+    from cutler.utils.image import read_image_rgb
+
+    cfg = replace(FAST, fixed_size=88, crf="none")
+    rec = [r for r in list_dataset(str(dataset))[0] if r.file_name == "cls_a/wide.png"]
+    pl.run_maskcut(cfg, rec, str(tmp_path / "o"), progress=False, model=model)
+    merge_outputs(str(tmp_path / "o"), str(tmp_path / "o.json"))
+    got = {a["stage"]: a["segmentation"]["counts"] for a in json.loads((tmp_path / "o.json").read_text())["annotations"]}
+    image = read_image_rgb(rec[0].path)
+    fixed, resized = resize_for_maskcut(image, 88, 16)
+    assert fixed.shape[:2] == (88, 88) and resized.shape[:2] == (96, 96)
+    patch = model.patch_masks([resized]).masks
+    up = upsample_stage_masks(patch, (88, 88))[0].cpu().numpy()
+    want = {k: encode_mask(resize_mask(m, image.shape[1], image.shape[0]))["segmentation"]["counts"]
+            for k, m in enumerate(up) if m.any()}
+    assert got and got == want

@@ -43,7 +43,7 @@ def run_demo(image_path: str, cfg, output: str, show_eigvecs: bool = False) -> T
     fixed, resized = resize_for_maskcut(image, cfg.fixed_size, cfg.patch_size)
     model = MaskCutModel(cfg)
     crf = resolve_crf_mode(cfg.crf, model.device)
-    out, up = model.image_masks([resized])
+    out, up = model.image_masks([resized], out_hw=fixed.shape[:2])
     crf_out = None
     if crf == "torch":
         from .pipeline import _torch_crf

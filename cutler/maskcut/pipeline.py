@@ -8,7 +8,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -101,10 +101,13 @@ class MaskCutModel:
         self.timings["ncut"] += time.perf_counter() - t1
         return out
 
-    def image_masks(self, resized: Sequence[np.ndarray], solver: Optional[str] = None):
-        """(:class:`MaskCutOutput`, ``(B, N, S, S)`` bool disjoint upsampled masks as numpy)."""
+    def image_masks(self, resized: Sequence[np.ndarray], solver: Optional[str] = None,
+                    out_hw: Optional[Tuple[int, int]] = None):
+        """(:class:`MaskCutOutput`, ``(B, N, H, W)`` bool disjoint masks as numpy), upsampled from the patch grid
+        with nearest neighbour to ``out_hw``: the ``fixed_size`` image the CRF sees (default: the ViT input size,
+        the same unless ``fixed_size`` is not a multiple of the patch size)."""
         out = self.patch_masks(resized, solver)
-        up = upsample_stage_masks(out.masks, resized[0].shape[:2])
+        up = upsample_stage_masks(out.masks, tuple(out_hw) if out_hw else resized[0].shape[:2])
         return out, up.cpu().numpy()
 
 
@@ -209,7 +212,7 @@ def run_maskcut(cfg, records: Sequence[ImageRecord], out_dir: str, shard_index: 
         pending.append((item["record"], item["width"], item["height"], fut))
 
     def run_batch(items: List[dict]) -> None:
-        out, up = model.image_masks([it["resized"] for it in items])
+        out, up = model.image_masks([it["resized"] for it in items], out_hw=items[0]["image"].shape[:2])
         for s in out.status.flatten().tolist():
             stage_status[STATUS_NAMES[s]] += 1
         crf_outs: List[Optional[List[np.ndarray]]] = [None] * len(items)
