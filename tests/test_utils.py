@@ -32,8 +32,16 @@ def test_decodes_every_odd_but_valid_image(tmp_path):
         assert out.shape == (20, 30, 3) and out.dtype == np.uint8, name
     # 16-bit values scale to 8 bits exactly: v * 257 / 65535 * 255 == v.
     assert np.array_equal(read_image_rgb(tmp_path / "sixteen.png")[:, :, 0], rgb[:, :, 0])
-    # Fully opaque RGBA keeps its colours.
+    # Fully opaque RGBA keeps its colours; so do transparent pixels: alpha is dropped, as PIL's convert("RGB")
+    # (the published MaskCut script, Detectron2's reader) does, not composited onto a background.
     assert np.array_equal(read_image_rgb(tmp_path / "rgba.png"), rgb)
+    alpha = np.full((20, 30), 255, np.uint8)
+    alpha[:, :10] = 0
+    alpha[:, 10:20] = 100
+    see_through = _save(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), tmp_path / "see_through.png")
+    assert np.array_equal(read_image_rgb(see_through), rgb)
+    la = _save(Image.fromarray(np.dstack([rgb[:, :, 0], alpha]), "LA"), tmp_path / "la.png")
+    assert np.array_equal(read_image_rgb(la), np.repeat(rgb[:, :, :1], 3, axis=2))
 
 
 def test_exif_rotation_is_applied(tmp_path):

@@ -1,7 +1,8 @@
 """Robust image decoding shared by MaskCut, training, evaluation and demos.
 
 Every odd image a real dataset contains is turned into an ``H x W x 3`` uint8 RGB array, oriented as
-its EXIF tag says: grayscale, palette, RGBA/LA (composited on black), CMYK, 16-bit and float images.
+its EXIF tag says: grayscale, palette, RGBA/LA (alpha dropped, as PIL's ``convert("RGB")`` does), CMYK, 16-bit and float
+images.
 What cannot be decoded raises :class:`ImageReadError` naming the file and the reason, so callers can
 record it and carry on.
 """
@@ -35,10 +36,8 @@ def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         arr = np.clip((arr - lo) * scale, 0, 255).round().astype(np.uint8)
         return np.repeat(arr[:, :, None], 3, axis=2)
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    # Alpha is dropped, not composited: PIL's convert("RGB") is what the published MaskCut script and
+    # Detectron2's reader do, so transparent pixels keep their stored colour here too.
     return np.asarray(img.convert("RGB"))
 
 
