@@ -180,14 +180,16 @@ def run_pydensecrf(cases, pool: ProcessPoolExecutor | None = None) -> list[np.nd
 
 
 def run_torch(cases, device: str = "cpu", gaussian: str = "lattice") -> list[np.ndarray]:
-    """torch CRF masks of every (image, mask) pair, in order: one batched call (images repeated per mask)."""
+    """torch CRF masks of every (image, mask) pair, in order: one batched call, each distinct image sent once
+    with an index (as the MaskCut pipeline calls it); host-device transfers are part of the timed work."""
     import torch
 
     from cutler.maskcut.torch_crf import torch_crf_refine
 
-    images = torch.from_numpy(np.stack([img for img, masks in cases for _ in masks])).to(device)
+    images = torch.from_numpy(np.stack([img for img, _ in cases])).to(device)
+    index = torch.tensor([i for i, (_, masks) in enumerate(cases) for _ in masks], device=device)
     masks = torch.from_numpy(np.stack([m for _, masks in cases for m in masks])).to(device)
-    out = torch_crf_refine(images, masks, gaussian=gaussian)
+    out = torch_crf_refine(images, masks.float(), image_index=index, gaussian=gaussian)
     return list(out.cpu().numpy())
 
 

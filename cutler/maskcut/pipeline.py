@@ -282,7 +282,8 @@ def _torch_crf(items: List[dict], up: np.ndarray, params: CRFParams, device: tor
         row = {i: r for r, i in enumerate(used)}
         imgs = torch.from_numpy(np.stack([items[i]["image"] for i in used])).to(device)
         index = torch.tensor([row[i] for i, _ in which], dtype=torch.int64, device=device)
-        masks = torch.from_numpy(np.stack([up[i, k] for i, k in which])).to(device=device, dtype=torch.float32)
+        # bool over the bus (4x fewer bytes than float32), converted on the device
+        masks = torch.from_numpy(np.stack([up[i, k] for i, k in which])).to(device).float()
         res = torch_crf_refine(imgs, masks, params, image_index=index).cpu().numpy()
         for (i, k), r in zip(which, res):
             outs[i][k] = r
