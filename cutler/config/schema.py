@@ -191,7 +191,7 @@ class DataLoaderConfig:
 @dataclass
 class ClipGradientsConfig:
     enabled: bool = False
-    clip_type: str = "value"  # "value" | "norm" (per parameter) | "full_model" (global norm), as Detectron2
+    clip_type: str = "value"  # "value" | "norm" (per parameter), as Detectron2 | "full_model" (global norm, ours)
     clip_value: float = 1.0
     norm_type: float = 2.0
 

@@ -83,9 +83,11 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
 def build_gradient_clipper(cfg) -> Optional[Callable[[Iterable[torch.Tensor]], None]]:
     """The clipping function of ``cfg.solver.clip_gradients`` (None when disabled).
 
-    Types (Detectron2's): ``"value"`` clamps every gradient element to ``[-clip_value, clip_value]``;
-    ``"norm"`` rescales each parameter's gradient to norm <= ``clip_value`` separately; ``"full_model"``
-    rescales all gradients together so their global ``norm_type`` norm is <= ``clip_value`` (the CutLER recipe).
+    Detectron2's types: ``"value"`` clamps every gradient element to ``[-clip_value, clip_value]``;
+    ``"norm"`` rescales each parameter's gradient to norm <= ``clip_value`` separately (what the published
+    CutLER recipes use, and the shipped configs keep). Ours in addition: ``"full_model"`` rescales all
+    gradients together so their global ``norm_type`` norm is <= ``clip_value`` (the spec's "global L2 norm";
+    Detectron2's solver has no such type, so a plain Detectron2 build refuses an exported config using it).
     """
     c = cfg.solver.clip_gradients
     if not c.enabled:
