@@ -162,7 +162,9 @@ class InputConfig:
     min_size_test: int = 800
     max_size_test: int = 1333
     random_flip: str = "horizontal"
-    format: str = "RGB"
+    # The channel order the weights expect (the model always receives RGB and flips for "BGR"). "BGR" pairs
+    # with the default model.pixel_mean, which is Detectron2's BGR-ordered mean; RGB recipes set both.
+    format: str = "BGR"
     mask_format: str = "bitmask"
 
 
