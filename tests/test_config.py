@@ -8,7 +8,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from cutler.config import CONFIGS_DIR, ConfigKeyError, load_config
-from cutler.config.detectron2_yaml import export_detectron2_yaml, import_detectron2_yaml
+from cutler.config.detectron2_yaml import DETECTRON2_DEFAULTS, export_detectron2_yaml, import_detectron2_yaml
+from cutler.config.schema import CutlerConfig
 
 SHIPPED = sorted(glob.glob(str(CONFIGS_DIR / "**" / "*.yaml"), recursive=True))
 
@@ -203,6 +204,133 @@ def test_detectron2_unknown_and_unsupported_keys(tmp_path):
 
 def test_detectron2_import_parses_tuple_strings(tmp_path):
     f = tmp_path / "t.yaml"
-    f.write_text("SOLVER:\n  STEPS: (10, 20)\nDATASETS:\n  TRAIN: ('a', 'b')\n")
+    f.write_text(D2_FPN_NAMES + "SOLVER:\n  STEPS: (10, 20)\nDATASETS:\n  TRAIN: ('a', 'b')\n")
     data = import_detectron2_yaml(f)
     assert data["solver"]["steps"] == [10, 20] and data["datasets"]["train"] == ["a", "b"]
+
+
+# Detectron2's defaults (detectron2/config/defaults.py, plus CutLER's add_cutler_config keys) for every key
+# our schema maps, as literal values: the reference the importer must reproduce for keys a YAML omits.
+D2_DEFAULTS_REFERENCE = {
+    "CUDNN_BENCHMARK": False, "DATALOADER.ASPECT_RATIO_GROUPING": True, "DATALOADER.COPY_PASTE": False,
+    "DATALOADER.COPY_PASTE_MAX_RATIO": 1.0, "DATALOADER.COPY_PASTE_MIN_RATIO": 0.5,
+    "DATALOADER.COPY_PASTE_RANDOM_NUM": True, "DATALOADER.COPY_PASTE_RATE": 0.0,
+    "DATALOADER.FILTER_EMPTY_ANNOTATIONS": True, "DATALOADER.NUM_WORKERS": 4,
+    "DATALOADER.SAMPLER_TRAIN": 'TrainingSampler', "DATALOADER.VISUALIZE_COPY_PASTE": False, "DATASETS.TEST": [],
+    "DATASETS.TRAIN": [], "INPUT.FORMAT": 'BGR', "INPUT.MASK_FORMAT": 'polygon', "INPUT.MAX_SIZE_TEST": 1333,
+    "INPUT.MAX_SIZE_TRAIN": 1333, "INPUT.MIN_SIZE_TEST": 800, "INPUT.MIN_SIZE_TRAIN": [800],
+    "INPUT.MIN_SIZE_TRAIN_SAMPLING": 'choice', "INPUT.RANDOM_FLIP": 'horizontal',
+    "MODEL.ANCHOR_GENERATOR.ANGLES": [[-90, 0, 90]], "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[0.5, 1.0, 2.0]],
+    "MODEL.ANCHOR_GENERATOR.NAME": 'DefaultAnchorGenerator', "MODEL.ANCHOR_GENERATOR.OFFSET": 0.0,
+    "MODEL.ANCHOR_GENERATOR.SIZES": [[32, 64, 128, 256, 512]], "MODEL.BACKBONE.FREEZE_AT": 2,
+    "MODEL.BACKBONE.NAME": 'build_resnet_backbone', "MODEL.DEVICE": 'cuda', "MODEL.FPN.FUSE_TYPE": 'sum',
+    "MODEL.FPN.IN_FEATURES": [], "MODEL.FPN.NORM": '', "MODEL.FPN.OUT_CHANNELS": 256, "MODEL.MASK_ON": False,
+    "MODEL.META_ARCHITECTURE": 'GeneralizedRCNN', "MODEL.PIXEL_MEAN": [103.53, 116.28, 123.675],
+    "MODEL.PIXEL_STD": [1.0, 1.0, 1.0], "MODEL.RESNETS.DEPTH": 50, "MODEL.RESNETS.NORM": 'FrozenBN',
+    "MODEL.RESNETS.NUM_GROUPS": 1, "MODEL.RESNETS.OUT_FEATURES": ['res4'], "MODEL.RESNETS.RES2_OUT_CHANNELS": 256,
+    "MODEL.RESNETS.RES5_DILATION": 1, "MODEL.RESNETS.STEM_OUT_CHANNELS": 64, "MODEL.RESNETS.STRIDE_IN_1X1": True,
+    "MODEL.RESNETS.WIDTH_PER_GROUP": 64,
+    "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS": [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0],
+                                                  [30.0, 30.0, 15.0, 15.0]],
+    "MODEL.ROI_BOX_CASCADE_HEAD.IOUS": [0.5, 0.6, 0.7], "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": 'smooth_l1',
+    "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT": 1.0, "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS": [10.0, 10.0, 5.0, 5.0],
+    "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": False, "MODEL.ROI_BOX_HEAD.CONV_DIM": 256,
+    "MODEL.ROI_BOX_HEAD.FC_DIM": 1024, "MODEL.ROI_BOX_HEAD.NAME": '', "MODEL.ROI_BOX_HEAD.NORM": '',
+    "MODEL.ROI_BOX_HEAD.NUM_CONV": 0, "MODEL.ROI_BOX_HEAD.NUM_FC": 0, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 14,
+    "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO": 0, "MODEL.ROI_BOX_HEAD.POOLER_TYPE": 'ROIAlignV2',
+    "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA": 0.0, "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES": False,
+    "MODEL.ROI_BOX_HEAD.USE_FED_LOSS": False, "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE": False,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 512, "MODEL.ROI_HEADS.DROPLOSS_IOU_THRESH": 0.0,
+    "MODEL.ROI_HEADS.IN_FEATURES": ['res4'], "MODEL.ROI_HEADS.IOU_LABELS": [0, 1],
+    "MODEL.ROI_HEADS.IOU_THRESHOLDS": [0.5], "MODEL.ROI_HEADS.NAME": 'Res5ROIHeads',
+    "MODEL.ROI_HEADS.NMS_THRESH_TEST": 0.5, "MODEL.ROI_HEADS.NUM_CLASSES": 80,
+    "MODEL.ROI_HEADS.POSITIVE_FRACTION": 0.25, "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT": True,
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.05, "MODEL.ROI_HEADS.USE_DROPLOSS": False,
+    "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK": False, "MODEL.ROI_MASK_HEAD.CONV_DIM": 256,
+    "MODEL.ROI_MASK_HEAD.NAME": 'MaskRCNNConvUpsampleHead', "MODEL.ROI_MASK_HEAD.NORM": '',
+    "MODEL.ROI_MASK_HEAD.NUM_CONV": 0, "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION": 14,
+    "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO": 0, "MODEL.ROI_MASK_HEAD.POOLER_TYPE": 'ROIAlignV2',
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE": 256, "MODEL.RPN.BBOX_REG_LOSS_TYPE": 'smooth_l1',
+    "MODEL.RPN.BBOX_REG_LOSS_WEIGHT": 1.0, "MODEL.RPN.BBOX_REG_WEIGHTS": [1.0, 1.0, 1.0, 1.0],
+    "MODEL.RPN.BOUNDARY_THRESH": -1, "MODEL.RPN.CONV_DIMS": [-1], "MODEL.RPN.HEAD_NAME": 'StandardRPNHead',
+    "MODEL.RPN.IN_FEATURES": ['res4'], "MODEL.RPN.IOU_LABELS": [0, -1, 1], "MODEL.RPN.IOU_THRESHOLDS": [0.3, 0.7],
+    "MODEL.RPN.LOSS_WEIGHT": 1.0, "MODEL.RPN.NMS_THRESH": 0.7, "MODEL.RPN.POSITIVE_FRACTION": 0.5,
+    "MODEL.RPN.POST_NMS_TOPK_TEST": 1000, "MODEL.RPN.POST_NMS_TOPK_TRAIN": 2000, "MODEL.RPN.PRE_NMS_TOPK_TEST": 6000,
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN": 12000, "MODEL.RPN.SMOOTH_L1_BETA": 0.0, "MODEL.WEIGHTS": '',
+    "OUTPUT_DIR": './output', "SEED": -1, "SOLVER.AMP.ENABLED": False, "SOLVER.BASE_LR": 0.001,
+    "SOLVER.BASE_LR_END": 0.0, "SOLVER.BASE_LR_MULTIPLIER": 1, "SOLVER.BASE_LR_MULTIPLIER_NAMES": [],
+    "SOLVER.BIAS_LR_FACTOR": 1.0, "SOLVER.CHECKPOINT_PERIOD": 5000, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": 'value',
+    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": 1.0, "SOLVER.CLIP_GRADIENTS.ENABLED": False,
+    "SOLVER.CLIP_GRADIENTS.NORM_TYPE": 2.0, "SOLVER.GAMMA": 0.1, "SOLVER.IMS_PER_BATCH": 16,
+    "SOLVER.LR_SCHEDULER_NAME": 'WarmupMultiStepLR', "SOLVER.MAX_ITER": 40000, "SOLVER.MOMENTUM": 0.9,
+    "SOLVER.NESTEROV": False, "SOLVER.REFERENCE_WORLD_SIZE": 0, "SOLVER.STEPS": [30000],
+    "SOLVER.WARMUP_FACTOR": 0.001, "SOLVER.WARMUP_ITERS": 1000, "SOLVER.WARMUP_METHOD": 'linear',
+    "SOLVER.WEIGHT_DECAY": 0.0001, "SOLVER.WEIGHT_DECAY_BIAS": None, "SOLVER.WEIGHT_DECAY_NORM": 0.0,
+    "TEST.DETECTIONS_PER_IMAGE": 100, "TEST.EVAL_PERIOD": 0, "TEST.NO_SEGM": False, "TEST.PRECISE_BN.ENABLED": False,
+    "TEST.PRECISE_BN.NUM_ITER": 200, "VIS_PERIOD": 0,
+}
+# Detectron2's default architecture is C4; cutler builds FPN models only, so YAMLs name these three.
+D2_FPN_NAMES = ("MODEL:\n  BACKBONE:\n    NAME: build_resnet_fpn_backbone\n  ROI_HEADS:\n    NAME: StandardROIHeads\n"
+                "  ROI_BOX_HEAD:\n    NAME: FastRCNNConvFCHead\n")
+
+
+def _value(cfg, d2_key):
+    node = OmegaConf.select(cfg, d2_key.lower())
+    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+
+
+def test_detectron2_default_table_is_every_key_where_our_default_differs():
+    schema = OmegaConf.structured(CutlerConfig)
+    differing = {k for k, v in D2_DEFAULTS_REFERENCE.items() if _value(schema, k) != v}
+    # MODEL.DEVICE is left out on purpose ("auto" uses CUDA wherever Detectron2's "cuda" runs).
+    assert set(DETECTRON2_DEFAULTS) == differing - {"MODEL.DEVICE"}
+    assert DETECTRON2_DEFAULTS == {k: D2_DEFAULTS_REFERENCE[k] for k in DETECTRON2_DEFAULTS}
+    # The keys the audit named, spelled out.
+    assert {"INPUT.MASK_FORMAT", "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "MODEL.RPN.PRE_NMS_TOPK_TEST",
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN", "MODEL.ANCHOR_GENERATOR.SIZES"} <= set(DETECTRON2_DEFAULTS)
+
+
+def test_minimal_detectron2_yaml_gets_detectron2_defaults(tmp_path):
+    f = tmp_path / "minimal.yaml"
+    f.write_text("MODEL:\n  META_ARCHITECTURE: GeneralizedRCNN\n  MASK_ON: True\n" + D2_FPN_NAMES.replace("MODEL:\n", ""))
+    cfg = load_config(str(f))
+    given = {"MODEL.MASK_ON", "MODEL.BACKBONE.NAME", "MODEL.ROI_HEADS.NAME", "MODEL.ROI_BOX_HEAD.NAME", "MODEL.DEVICE"}
+    got = {k: _value(cfg, k) for k in D2_DEFAULTS_REFERENCE if k not in given}
+    assert got == {k: v for k, v in D2_DEFAULTS_REFERENCE.items() if k not in given}
+    assert cfg.model.mask_on is True and cfg.model.device == "auto"
+    assert cfg.input.format == "BGR" and cfg.input.mask_format == "polygon"
+    assert (cfg.model.rpn.pre_nms_topk_train, cfg.model.rpn.pre_nms_topk_test, cfg.model.rpn.post_nms_topk_train,
+            cfg.model.rpn.post_nms_topk_test) == (12000, 6000, 2000, 1000)
+    assert cfg.model.anchor_generator.sizes == [[32, 64, 128, 256, 512]]
+
+
+def test_detectron2_yaml_relying_on_the_c4_default_architecture_is_refused(tmp_path):
+    f = tmp_path / "c4.yaml"
+    f.write_text("MODEL:\n  META_ARCHITECTURE: GeneralizedRCNN\n  MASK_ON: True\n")
+    with pytest.raises(ConfigKeyError) as err:
+        load_config(str(f))
+    msg = str(err.value)
+    assert "Detectron2's default for 'MODEL.BACKBONE.NAME'" in msg and "build_resnet_backbone" in msg and "c4.yaml" in msg
+    # An FPN named without its feature lists keeps Detectron2's C4 lists, which no FPN model can use.
+    from cutler.modeling import build_model
+
+    f.write_text(D2_FPN_NAMES)
+    with pytest.raises(ValueError, match=r"model.fpn.in_features is empty"):
+        build_model(load_config(str(f), ["model.resnets.depth=18", "model.device=cpu"]))
+    f.write_text(D2_FPN_NAMES + "  RESNETS:\n    OUT_FEATURES: [res2, res3, res4, res5]\n"
+                 "  FPN:\n    IN_FEATURES: [res2, res3, res4, res5]\n")
+    with pytest.raises(ValueError, match=r"model.rpn.in_features \['res4'\]"):
+        build_model(load_config(str(f), ["model.resnets.depth=18", "model.device=cpu"]))
+
+
+def test_base_rcnn_fpn_without_format_imports_as_bgr(tmp_path):
+    f = tmp_path / "Base-RCNN-FPN.yaml"
+    f.write_text(yaml.safe_dump(D2_BASE))  # the published file sets no INPUT.FORMAT, PIXEL_MEAN or MASK_FORMAT
+    cfg = load_config(str(f))
+    assert cfg.input.format == "BGR" and cfg.model.pixel_mean == [103.53, 116.28, 123.675]
+    assert cfg.model.pixel_std == [1.0, 1.0, 1.0] and cfg.input.mask_format == "polygon"
+    # What the file sets wins over the defaults underneath.
+    assert (cfg.model.rpn.pre_nms_topk_train, cfg.model.rpn.pre_nms_topk_test, cfg.model.rpn.post_nms_topk_train,
+            cfg.model.rpn.post_nms_topk_test) == (2000, 1000, 1000, 1000)
+    assert cfg.model.anchor_generator.sizes == [[32], [64], [128], [256], [512]]
+    assert cfg.model.rpn.in_features == ["p2", "p3", "p4", "p5", "p6"] and cfg.output_dir == "./output"

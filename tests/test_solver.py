@@ -7,7 +7,7 @@ from torch import nn
 
 from cutler.config import load_config
 from cutler.solver import (WarmupLRScheduler, build_gradient_clipper, build_lr_scheduler, build_optimizer,
-                           update_bn_stats)
+                           get_param_groups, update_bn_stats)
 
 
 def _opt(lr=0.1):
@@ -75,6 +75,44 @@ def test_param_groups_norm_decay_bias_and_name_multiplier():
     assert setting[id(net.head.bias)] == (0.32, 1e-4)
     assert id(net.frozen.weight) not in setting
     assert opt.defaults["momentum"] == 0.9
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))  # held by "block" itself
+        self.fc = nn.Linear(2, 2)  # held by "block.fc"
+
+
+class _Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(4, 2))  # "head" is a parent: its parameters live in "head.0"
+        self.head_extra = nn.Linear(2, 2)  # "head" is a string prefix of this module's name
+        self.block = _Block()
+        self.pred = nn.Linear(2, 1)
+
+
+def _lrs_by_param(model, names):
+    groups = get_param_groups(model, base_lr=0.25, weight_decay=0.0, lr_multiplier=4.0, lr_multiplier_names=names)
+    return {id(p): g["lr"] for g in groups for p in g["params"]}
+
+
+def test_lr_multiplier_names_match_exact_module_names_as_cutler(caplog):
+    # CutLER's get_default_optimizer_params: `if module_name in base_lr_multiplier_names`, for the
+    # parameters each module holds itself (named_parameters(recurse=False)).
+    net = _Nested()
+    with caplog.at_level("WARNING", logger="cutler.solver.build"):
+        lr = _lrs_by_param(net, ["head", "block", "pred", "pred.weight"])
+    assert lr[id(net.head[0].weight)] == 0.25 and lr[id(net.head[0].bias)] == 0.25  # parent name: no multiplier
+    assert lr[id(net.head_extra.weight)] == 0.25  # a name prefix is not a match
+    assert lr[id(net.block.scale)] == 1.0 and lr[id(net.block.fc.weight)] == 0.25
+    assert lr[id(net.pred.weight)] == 1.0 and lr[id(net.pred.bias)] == 1.0
+    # "pred.weight" names a parameter, not a module: no effect, and a warning names it.
+    assert "pred.weight" in caplog.text and "'head'" not in caplog.text
+    # Inside a DataParallel wrapper ("module." prefix) the same names give the same learning rates.
+    wrapped = _lrs_by_param(nn.DataParallel(net), ["head", "block", "pred"])
+    assert wrapped == lr
 
 
 def test_gradient_clipping_kinds():

@@ -1,6 +1,8 @@
 """Detectron2 YAML <-> our schema: import CutLER/Detectron2 configs (``_BASE_`` inheritance, UPPER_CASE keys), and export ours.
 
-The schema mirrors Detectron2's tree in lower case, so most keys map by lower-casing. What is left:
+The schema mirrors Detectron2's tree in lower case, so most keys map by lower-casing. An imported chain is
+laid over Detectron2's defaults (:data:`DETECTRON2_DEFAULTS`, where they differ from ours), as Detectron2
+lays it over ``get_cfg()``: a key the file omits builds what Detectron2 would build. What is left:
 - keys Detectron2 has but cutler does not implement: accepted only at their inert value
   (``MODEL.KEYPOINT_ON: False``), otherwise a :class:`ConfigKeyError` says the feature is unsupported;
 - keys with a fixed value here (``MODEL.META_ARCHITECTURE: GeneralizedRCNN``): other values are refused;
@@ -45,6 +47,34 @@ UNSUPPORTED_SECTIONS = ("MODEL.RETINANET", "MODEL.SEM_SEG_HEAD", "MODEL.PANOPTIC
                         "MODEL.DENSEPOSE", "INPUT.CROP")
 # The allowed ROI head names (CutLER registers Custom* variants of Detectron2's).
 ROI_HEAD_NAMES = {"StandardROIHeads", "CascadeROIHeads", "CustomStandardROIHeads", "CustomCascadeROIHeads"}
+
+
+# Detectron2's defaults (detectron2/config/defaults.py; CutLER's add_cutler_config adds its keys at our
+# values) for every mapped key where our schema default differs. Detectron2 merges a YAML chain onto these;
+# the importer does the same, so a key the file omits means what it means to Detectron2, not to our schema.
+DETECTRON2_DEFAULTS: Dict[str, Any] = {
+    # Detectron2's default architecture is a C4 R-CNN: ResNet without FPN, RPN and Res5ROIHeads on res4,
+    # no box head name. cutler builds FPN models only, so a file that leaves these to Detectron2 is refused
+    # (by INERT_ONLY / ROI_HEAD_NAMES, or by the model builder for the feature lists) instead of quietly
+    # becoming an FPN model. Base-RCNN-FPN.yaml sets all of them.
+    "MODEL.BACKBONE.NAME": "build_resnet_backbone",
+    "MODEL.RESNETS.OUT_FEATURES": ["res4"],
+    "MODEL.FPN.IN_FEATURES": [],
+    "MODEL.RPN.IN_FEATURES": ["res4"],
+    "MODEL.ROI_HEADS.NAME": "Res5ROIHeads",
+    "MODEL.ROI_HEADS.IN_FEATURES": ["res4"],
+    "MODEL.ROI_BOX_HEAD.NAME": "",
+    "MODEL.ANCHOR_GENERATOR.SIZES": [[32, 64, 128, 256, 512]],  # one list, shared by every feature level
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN": 12000,
+    "MODEL.RPN.PRE_NMS_TOPK_TEST": 6000,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN": 2000,
+    "INPUT.MASK_FORMAT": "polygon",
+    "DATASETS.TRAIN": [],
+    "DATASETS.TEST": [],
+    "OUTPUT_DIR": "./output",
+}
+# Deliberately not applied: MODEL.DEVICE ("cuda" in Detectron2). Ours is "auto", which uses CUDA wherever
+# Detectron2's "cuda" would run; imposing "cuda" would change no model, only fail on CPU-only machines.
 
 
 def _read_d2_yaml(path: Path, seen: frozenset = frozenset()) -> dict:
@@ -107,11 +137,21 @@ def _parse_tuple_string(value: Any) -> Any:
     return value
 
 
+def detectron2_default_layer(file_keys) -> Dict[str, Any]:
+    """The entries of :data:`DETECTRON2_DEFAULTS` that a YAML chain with flat keys ``file_keys`` leaves unset."""
+    given = set(file_keys)
+    return {k: v for k, v in DETECTRON2_DEFAULTS.items() if k not in given}
+
+
 def import_detectron2_yaml(path: os.PathLike | str) -> dict:
     """Read a CutLER/Detectron2 YAML (with ``_BASE_`` chain) and return a nested dict in our schema.
 
+    Keys the chain omits get Detectron2's default where it differs from ours (:data:`DETECTRON2_DEFAULTS`),
+    so the result builds the model Detectron2 would build from the same file.
+
     Raises:
-        ConfigKeyError: for unsupported features and unknown keys (message names key, file, neighbour).
+        ConfigKeyError: for unsupported features and unknown keys (message names key, file, neighbour),
+            including a Detectron2 default the file leaves in place that cutler does not implement.
     """
     path = Path(path).resolve()
     flat = _flatten(_read_d2_yaml(path))
@@ -119,7 +159,12 @@ def import_detectron2_yaml(path: os.PathLike | str) -> dict:
     valid = set(_schema_keys(schema))
     upper_valid = {k.upper(): k for k in valid}
     out: dict = {}
-    for key, value in flat.items():
+    # The file's own keys first, so that its typos and unsupported features are reported before any
+    # consequence of the defaults underneath.
+    sources = [(key, value, str(path)) for key, value in flat.items()]
+    sources += [(key, value, f"{path} (Detectron2's default for '{key}', which the file does not set)")
+                for key, value in detectron2_default_layer(flat).items()]
+    for key, value, where in sources:
         value = _normalise(_parse_tuple_string(value))
         if key in IGNORED:
             continue
@@ -127,20 +172,20 @@ def import_detectron2_yaml(path: os.PathLike | str) -> dict:
             expected = INERT_ONLY[key]
             if value != expected:
                 raise ConfigKeyError(
-                    f"{path}: '{key}: {value}' is not supported by cutler (only '{expected}' is implemented)"
+                    f"{where}: '{key}: {value}' is not supported by cutler (only '{expected}' is implemented)"
                 )
             if key.lower() not in valid:
                 continue
         if key.startswith(UNSUPPORTED_SECTIONS):
-            raise ConfigKeyError(f"{path}: '{key}' belongs to a Detectron2 feature cutler does not implement")
+            raise ConfigKeyError(f"{where}: '{key}' belongs to a Detectron2 feature cutler does not implement")
         if key == "MODEL.ROI_HEADS.NAME" and value not in ROI_HEAD_NAMES:
             raise ConfigKeyError(
-                f"{path}: MODEL.ROI_HEADS.NAME '{value}' is not supported (one of {sorted(ROI_HEAD_NAMES)})"
+                f"{where}: MODEL.ROI_HEADS.NAME '{value}' is not supported (one of {sorted(ROI_HEAD_NAMES)})"
             )
         ours = upper_valid.get(key)
         if ours is None:
             hint = suggest_key(key, list(upper_valid))
-            msg = f"unknown Detectron2 config key '{key}' in {path}"
+            msg = f"unknown Detectron2 config key '{key}' in {where}"
             raise ConfigKeyError(msg + (f"; did you mean '{hint}'?" if hint else ""))
         node = out
         parts = ours.split(".")

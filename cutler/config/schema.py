@@ -162,7 +162,9 @@ class InputConfig:
     min_size_test: int = 800
     max_size_test: int = 1333
     random_flip: str = "horizontal"
-    format: str = "RGB"
+    # The channel order the weights expect (the model always receives RGB and flips for "BGR"). "BGR" pairs
+    # with the default model.pixel_mean, which is Detectron2's BGR-ordered mean; RGB recipes set both.
+    format: str = "BGR"
     mask_format: str = "bitmask"
 
 
@@ -191,7 +193,7 @@ class DataLoaderConfig:
 @dataclass
 class ClipGradientsConfig:
     enabled: bool = False
-    clip_type: str = "value"  # "value" | "norm" (per parameter) | "full_model" (global norm), as Detectron2
+    clip_type: str = "value"  # "value" | "norm" (per parameter), as Detectron2 | "full_model" (global norm, ours)
     clip_value: float = 1.0
     norm_type: float = 2.0
 

@@ -44,6 +44,8 @@ class FPN(nn.Module):
         if fuse_type not in ("sum", "avg"):
             raise ValueError(f"FPN fuse_type must be 'sum' or 'avg', got {fuse_type!r}")
         shapes = bottom_up.output_shape()
+        if not in_features:  # e.g. Detectron2's default FPN.IN_FEATURES ([]) left in an imported YAML
+            raise ValueError(f"FPN needs input features (model.fpn.in_features is empty; backbone gives {sorted(shapes)})")
         missing = [f for f in in_features if f not in shapes]
         if missing:
             raise ValueError(f"FPN in_features {missing} are not produced by the backbone ({sorted(shapes)})")

@@ -258,6 +258,10 @@ def build_rpn(cfg, input_shape: Dict[str, ShapeSpec]) -> RPN:
     r = cfg.model.rpn
     if r.head_name != "StandardRPNHead":
         raise ValueError(f"model.rpn.head_name={r.head_name!r} is not available (only StandardRPNHead)")
+    missing = [f for f in r.in_features if f not in input_shape]
+    if missing or not r.in_features:  # e.g. Detectron2's C4 default ["res4"] under an FPN backbone
+        raise ValueError(f"model.rpn.in_features {list(r.in_features)} must be non-empty names of backbone "
+                         f"outputs ({sorted(input_shape)})")
     shapes = [input_shape[f] for f in r.in_features]
     channels = {s.channels for s in shapes}
     if len(channels) != 1:

@@ -264,6 +264,9 @@ def input_shape_args(cfg, input_shape: Dict[str, ShapeSpec]) -> Dict[str, object
         if bh[flag]:
             raise ValueError(f"model.roi_box_head.{flag}=true is not supported")
     in_features = list(rh.in_features)
+    if not in_features or any(f not in input_shape for f in in_features):  # e.g. Detectron2's C4 ["res4"]
+        raise ValueError(f"model.roi_heads.in_features {in_features} must be non-empty names of backbone "
+                         f"outputs ({sorted(input_shape)})")
     channels = {input_shape[f].channels for f in in_features}
     if len(channels) != 1:
         raise ValueError(f"ROI heads need equal channels on {in_features}, got {sorted(channels)}")
