@@ -119,6 +119,28 @@ def test_resize_uint8_single_channel_and_dtype():
         resize_uint8(m.astype(np.float32), 13, 17)
 
 
+def test_mapper_drops_instances_whose_mask_vanished(tmp_path):
+    """Detectron2's filter_empty_instances(by_mask=True): an instance whose box survives the resize but
+    whose mask does not is dropped, with its box and class."""
+    from PIL import Image
+
+    img = np.zeros((60, 80, 3), np.uint8)
+    dot = np.zeros((60, 80), bool)
+    dot[0, 0] = True  # PIL NEAREST at 0.4x samples source rows/columns 1, 3, 6, ...: pixel (0, 0) is lost
+    block = np.zeros((60, 80), bool)
+    block[10:30, 20:50] = True
+    rec = _write_record(tmp_path, img, [block, dot, block[::-1]], category_ids=[5, 6, 7])
+    assert not np.asarray(Image.fromarray(dot.astype(np.uint8)).resize((32, 24), Image.NEAREST)).any()
+    out = DatasetMapper(MapperParams([24], 1000, flip="none"))(rec, np.random.default_rng(0))
+    inst = out["instances"]
+    assert inst["classes"].tolist() == [5, 7]
+    assert torch.allclose(inst["boxes"], torch.tensor([[8.0, 4.0, 20.0, 12.0], [8.0, 12.0, 20.0, 20.0]]))
+    assert inst["masks"].shape == (2, 24, 32) and inst["masks"].flatten(1).any(1).all()
+    # Box filtering alone would have kept it: its scaled box [0, 0, 0.4, 0.4] is not empty.
+    assert torch.equal(inst["masks"][0], torch.from_numpy(
+        np.asarray(Image.fromarray(block.astype(np.uint8)).resize((32, 24), Image.NEAREST)).astype(bool)))
+
+
 def test_annotation_file_errors_name_the_file(tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text("")

@@ -152,15 +152,21 @@ class DatasetMapper:
             boxes[:, [1, 3]] = nh - boxes[:, [3, 1]]
         boxes = boxes.clip(0, (nw, nh, nw, nh))
         keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
-        anns = [a for a, k in zip(anns, keep) if k]
-        inst = {"boxes": torch.as_tensor(boxes[keep], dtype=torch.float32),
-                "classes": torch.as_tensor([a["category_id"] for a in anns], dtype=torch.int64)}
+        anns, boxes = [a for a, k in zip(anns, keep) if k], boxes[keep]
+        masks = None
         if anns and all(a.get("segmentation") is not None for a in anns):
             masks = _decode_masks(anns, h, w, nh, nw)
             if flip:
                 masks = masks[:, :, ::-1] if p.flip == "horizontal" else masks[:, ::-1]
-            inst["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
+            # Detectron2's filter_empty_instances also drops by mask (by_mask=True): a mask that vanished
+            # in the resize (a thin object shrunk away) would give the mask head an all-zero target.
+            nonempty = masks.reshape(len(masks), -1).any(axis=1)
+            anns, boxes, masks = [a for a, k in zip(anns, nonempty) if k], boxes[nonempty], masks[nonempty]
         elif not anns:
-            inst["masks"] = torch.zeros((0, nh, nw), dtype=torch.bool)
+            masks = np.zeros((0, nh, nw), dtype=bool)
+        inst = {"boxes": torch.as_tensor(boxes, dtype=torch.float32),
+                "classes": torch.as_tensor([a["category_id"] for a in anns], dtype=torch.int64)}
+        if masks is not None:
+            inst["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
         out["instances"] = inst
         return out
