@@ -90,9 +90,14 @@ class MapperParams:
         return cls([int(cfg.input.min_size_test)], int(cfg.input.max_size_test), "choice", "none", False)
 
 
-def _decode_masks(annotations: List[Dict], h: int, w: int, out_h: int, out_w: int) -> np.ndarray:
-    """``(M, out_h, out_w)`` bool masks. Polygons are scaled then rasterised at the output size; RLEs are
-    decoded at the original size and resized with PIL nearest (Detectron2's bitmask path)."""
+def _decode_masks(annotations: List[Dict], h: int, w: int, out_h: int, out_w: int, flip: str = "none") -> np.ndarray:
+    """``(M, out_h, out_w)`` bool masks in the resized (and flipped) image, as Detectron2's bitmask path
+    makes them: polygons are scaled and flipped as coordinates, then rasterised at the output size; RLEs
+    are decoded at the original size, resized with PIL nearest, then flipped.
+
+    Args:
+        flip: ``"none"``, ``"horizontal"`` or ``"vertical"``.
+    """
     from pycocotools import mask as mask_util
 
     out = np.zeros((len(annotations), out_h, out_w), dtype=bool)
@@ -100,11 +105,23 @@ def _decode_masks(annotations: List[Dict], h: int, w: int, out_h: int, out_w: in
     for i, ann in enumerate(annotations):
         seg = ann["segmentation"]
         if isinstance(seg, list):
-            polys = [(np.asarray(p, dtype=np.float64).reshape(-1, 2) * (sx, sy)).ravel().tolist() for p in seg]
+            polys = []
+            for poly in seg:
+                xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2) * (sx, sy)
+                # Flip the coordinates, not the raster: pycocotools' rasterisation is not mirror-symmetric
+                # (about 1 polygon in 15 differs by a pixel or two), and Detectron2 flips the polygon.
+                if flip == "horizontal":
+                    xy[:, 0] = out_w - xy[:, 0]
+                elif flip == "vertical":
+                    xy[:, 1] = out_h - xy[:, 1]
+                polys.append(xy.ravel().tolist())
             m = mask_util.decode(mask_util.merge(mask_util.frPyObjects(polys, out_h, out_w)))
         else:
-            m = mask_util.decode(segmentation_to_rle(seg, h, w))
-            m = resize_uint8(m, out_h, out_w, "nearest")
+            m = resize_uint8(mask_util.decode(segmentation_to_rle(seg, h, w)), out_h, out_w, "nearest")
+            if flip == "horizontal":
+                m = m[:, ::-1]
+            elif flip == "vertical":
+                m = m[::-1]
         out[i] = m.astype(bool)
     return out
 
@@ -155,9 +172,7 @@ class DatasetMapper:
         anns, boxes = [a for a, k in zip(anns, keep) if k], boxes[keep]
         masks = None
         if anns and all(a.get("segmentation") is not None for a in anns):
-            masks = _decode_masks(anns, h, w, nh, nw)
-            if flip:
-                masks = masks[:, :, ::-1] if p.flip == "horizontal" else masks[:, ::-1]
+            masks = _decode_masks(anns, h, w, nh, nw, p.flip if flip else "none")
             # Detectron2's filter_empty_instances also drops by mask (by_mask=True): a mask that vanished
             # in the resize (a thin object shrunk away) would give the mask head an all-zero target.
             nonempty = masks.reshape(len(masks), -1).any(axis=1)
