@@ -5,8 +5,10 @@ Needs a Detectron2 source build in the same environment (``import detectron2``);
 script stops with exit code 2 unless ``--ours-only`` is given (then it just prints our detections,
 useful to check that the config and weights load).
 
-Both models receive the SAME resized image tensor (Detectron2's ResizeShortestEdge rule with
-``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``, PIL bilinear), so any difference comes from the models.
+Both models receive the SAME resized image tensor: our evaluation's input
+(``cutler.evaluation.prepare_input``: Detectron2's ResizeShortestEdge size rule with
+``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST`` and its PIL bilinear resampling), so any difference comes from
+the models.
 Reported: max |difference| of the normalised padded input and of every FPN level, the number of
 detections, and for detections matched greedily by score (same class, best IoU): min box IoU, max
 |box difference| in pixels, max |score difference|, min mask IoU. Exit code 0 when every tolerance
@@ -28,27 +30,15 @@ import argparse
 import importlib
 import sys
 
-import numpy as np
 import torch
-from PIL import Image
 
 from cutler.config import load_config
+from cutler.evaluation.inference import prepare_input
 from cutler.modeling import build_model, load_weights
 from cutler.modeling.boxes import pairwise_iou
+from cutler.utils.image import read_image_rgb
 
 CUSTOM_HEADS = {"CustomCascadeROIHeads": "CascadeROIHeads", "CustomStandardROIHeads": "StandardROIHeads"}
-
-
-def resize_shortest_edge(img: np.ndarray, short: int, max_size: int) -> np.ndarray:
-    """Detectron2's ``ResizeShortestEdge`` output size and PIL bilinear resampling of a uint8 HWC image."""
-    h, w = img.shape[:2]
-    scale = short / min(h, w)
-    newh, neww = (short, scale * w) if h < w else (scale * h, short)
-    if max(newh, neww) > max_size:
-        s = max_size / max(newh, neww)
-        newh, neww = newh * s, neww * s
-    newh, neww = int(newh + 0.5), int(neww + 0.5)
-    return np.asarray(Image.fromarray(img).resize((neww, newh), Image.BILINEAR))
 
 
 def build_d2(args):
@@ -115,10 +105,9 @@ def main():
 
     ok = True
     for path in args.image:
-        rgb = np.asarray(Image.open(path).convert("RGB"))
-        resized = resize_shortest_edge(rgb, cfg.input.min_size_test, cfg.input.max_size_test)
-        image = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        inputs = [{"image": image, "height": rgb.shape[0], "width": rgb.shape[1]}]
+        # Decoded as Detectron2's read_image does (EXIF orientation applied), resized by the shared helper.
+        inputs = [prepare_input(read_image_rgb(path), cfg.input.min_size_test, cfg.input.max_size_test)]
+        image, height, width = inputs[0]["image"], inputs[0]["height"], inputs[0]["width"]
         with torch.no_grad():
             out = ours(inputs)[0]["instances"]
         print(f"{path}: ours {len(out['scores'])} detections, top scores {out['scores'][:5].tolist()}")
@@ -126,7 +115,7 @@ def main():
             continue
         model, d2cfg = d2
         d2_image = image.flip(0) if d2cfg.INPUT.FORMAT == "BGR" else image
-        d2_inputs = [{"image": d2_image, "height": rgb.shape[0], "width": rgb.shape[1]}]
+        d2_inputs = [{"image": d2_image, "height": height, "width": width}]
         with torch.no_grad():
             ref = model(d2_inputs)[0]["instances"].to("cpu")
             d2_images = model.preprocess_image(d2_inputs).tensor

@@ -50,7 +50,8 @@ def test_invariants_over_many_random_batches():
             assert m.shape[0] == inst["boxes"].shape[0] == inst["classes"].shape[0]
             assert torch.equal(inst["boxes"], masks_to_boxes(m))  # boxes are mask extents
             assert m.flatten(1).any(1).all()  # no empty instance
-            assert m.sum(0).max() <= 1  # no two masks overlap
+            # The sources' instances are disjoint and only the target's masks are cut: no two masks overlap.
+            assert m.sum(0).max() <= 1
             if o is not src:
                 changed += 1
                 # The pasted pixels are the only changed pixels, and they lie in the image by construction:
@@ -101,6 +102,34 @@ def test_occlusion_rule_uses_target_area_and_subtraction():
     out4 = paste_instances(tgt4, src4, params, torch.Generator().manual_seed(0))
     assert out4["instances"]["masks"].shape[0] == 3  # the target vanished, the 3 pasted rows remain
     assert torch.equal(out4["instances"]["masks"].any(0), tgt4["instances"]["masks"][0])
+
+
+def test_overlapping_pasted_instances_keep_their_extent_and_cut_only_the_target():
+    """As the published copy_and_paste: the union of the pasted masks is subtracted from the TARGET's
+    masks only; pasted masks that overlap in the source overlap in the result, each with its full extent."""
+    params = CopyPasteParams(rate=1.0, min_ratio=1.0, max_ratio=1.0, random_num=False)
+    tgt = _sample(20, 20, [(12, 12, 20, 20)], 0)  # 64 px; the pasted union covers 9 of them (14%): kept
+    src = _sample(20, 20, [(0, 0, 10, 10), (5, 5, 15, 15)], 100)  # overlap: rows/cols 5..9
+    for seed in range(4):  # several chosen orders: the result must not depend on it
+        out = paste_instances(tgt, src, params, torch.Generator().manual_seed(seed))
+        inst = out["instances"]
+        a = torch.zeros(20, 20, dtype=torch.bool)
+        a[0:10, 0:10] = True
+        b = torch.zeros(20, 20, dtype=torch.bool)
+        b[5:15, 5:15] = True
+        t = torch.zeros(20, 20, dtype=torch.bool)
+        t[12:20, 12:20] = True
+        t[12:15, 12:15] = False  # under pasted object b
+        assert inst["masks"].shape == (3, 20, 20)
+        assert torch.equal(inst["masks"][0], t)
+        pasted = {tuple(bx): mk for bx, mk in zip(inst["boxes"][1:].tolist(), inst["masks"][1:])}
+        assert set(pasted) == {(0.0, 0.0, 10.0, 10.0), (5.0, 5.0, 15.0, 15.0)}
+        assert torch.equal(pasted[(0.0, 0.0, 10.0, 10.0)], a) and torch.equal(pasted[(5.0, 5.0, 15.0, 15.0)], b)
+        assert inst["boxes"][0].tolist() == [12.0, 12.0, 20.0, 20.0]
+        # Image: the source's pixels on the union (110 on a only, 120 where b was drawn), the target elsewhere.
+        exp = tgt["image"].clone()
+        exp[:, a | b] = src["image"][:, a | b]
+        assert torch.equal(out["image"], exp)
 
 
 def test_random_num_k_range_and_rate_zero():

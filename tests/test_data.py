@@ -40,6 +40,10 @@ def test_shortest_edge_size_hand_computed():
     assert shortest_edge_size(48, 64, 96, 1000) == (96, 128)
     assert shortest_edge_size(48, 64, 96, 100) == (75, 100)  # the long side caps it: 64 * 100/64, 48 * 100/64 = 75
     assert shortest_edge_size(480, 640, 800, 1333) == (800, 1067)
+    # Capped sizes whose exact value is x.5: Detectron2 scales (800, 1600) by fl(1333 / 1600) and gets
+    # 666.4999..., so 666 (h * 1333/44 would give 666.5 -> 667); for 286x1612 its order gives 236.50...01 -> 237.
+    assert shortest_edge_size(22, 44, 800, 1333) == (666, 1333)
+    assert shortest_edge_size(286, 1612, 800, 1333) == (237, 1333)
 
 
 def test_resize_and_flip_keep_boxes_and_masks_consistent(tiny):
@@ -62,6 +66,117 @@ def test_resize_and_flip_keep_boxes_and_masks_consistent(tiny):
         assert torch.allclose(b["instances"]["boxes"], torch.stack([128 - ab[:, 2], ab[:, 1], 128 - ab[:, 0], ab[:, 3]], 1))
         assert torch.allclose(masks_to_boxes(b["instances"]["masks"]), b["instances"]["boxes"])
     assert 0 < flipped_seen < 8
+
+
+def _write_record(tmp_path, img, masks, category_ids=None):
+    """A raw training record for ``img`` ((H, W, 3) uint8, written as PNG) with one RLE instance per mask
+    (box = the mask's extent)."""
+    from PIL import Image
+    from pycocotools import mask as mask_util
+
+    path = tmp_path / "img.png"
+    Image.fromarray(img).save(path)
+    anns = []
+    for i, m in enumerate(masks):
+        rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+        x, y, bw, bh = mask_util.toBbox(rle).tolist()
+        anns.append({"bbox": [x, y, bw, bh], "category_id": i if category_ids is None else category_ids[i],
+                     "iscrowd": 0, "segmentation": {"size": list(m.shape), "counts": rle["counts"].decode("ascii")}})
+    return {"file_name": str(path), "height": img.shape[0], "width": img.shape[1], "image_id": 1, "annotations": anns}
+
+
+@pytest.mark.parametrize("short,size", [(24, (24, 32)), (150, (150, 200))], ids=["shrink", "enlarge"])
+def test_mapper_resizes_image_and_masks_exactly_like_detectron2(tmp_path, short, size):
+    """Detectron2's ResizeTransform: PIL BILINEAR for the uint8 image, PIL NEAREST for bitmasks."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    masks = rng.random((3, 60, 80)) < 0.5  # noisy masks: every resampling rule shows up
+    rec = _write_record(tmp_path, img, masks)
+    out = DatasetMapper(MapperParams([short], 1000, flip="none"))(rec, np.random.default_rng(0))
+    nh, nw = size
+    ref = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
+    assert np.array_equal(out["image"].permute(1, 2, 0).numpy(), ref)
+    ref_masks = np.stack([np.asarray(Image.fromarray(m.astype(np.uint8)).resize((nw, nh), Image.NEAREST)) for m in masks])
+    assert np.array_equal(out["instances"]["masks"].numpy(), ref_masks.astype(bool))
+    if short < 60:  # the reference is not OpenCV's bilinear (no antialiasing), so this test can tell them apart
+        import cv2
+
+        assert not np.array_equal(cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR), ref)
+
+
+def test_resize_uint8_single_channel_and_dtype():
+    from PIL import Image
+
+    from cutler.data.mapper import resize_uint8
+
+    m = (np.random.default_rng(1).random((30, 40)) < 0.5).astype(np.uint8)
+    ref = np.asarray(Image.fromarray(m).resize((17, 13), Image.NEAREST))
+    assert np.array_equal(resize_uint8(m, 13, 17, "nearest"), ref)
+    assert np.array_equal(resize_uint8(m[:, :, None], 13, 17, "nearest"), ref[:, :, None])  # (H, W, 1) as Detectron2
+    with pytest.raises(TypeError, match="uint8"):
+        resize_uint8(m.astype(np.float32), 13, 17)
+
+
+def test_mapper_drops_instances_whose_mask_vanished(tmp_path):
+    """Detectron2's filter_empty_instances(by_mask=True): an instance whose box survives the resize but
+    whose mask does not is dropped, with its box and class."""
+    from PIL import Image
+
+    img = np.zeros((60, 80, 3), np.uint8)
+    dot = np.zeros((60, 80), bool)
+    dot[0, 0] = True  # PIL NEAREST at 0.4x samples source rows/columns 1, 3, 6, ...: pixel (0, 0) is lost
+    block = np.zeros((60, 80), bool)
+    block[10:30, 20:50] = True
+    rec = _write_record(tmp_path, img, [block, dot, block[::-1]], category_ids=[5, 6, 7])
+    assert not np.asarray(Image.fromarray(dot.astype(np.uint8)).resize((32, 24), Image.NEAREST)).any()
+    out = DatasetMapper(MapperParams([24], 1000, flip="none"))(rec, np.random.default_rng(0))
+    inst = out["instances"]
+    assert inst["classes"].tolist() == [5, 7]
+    assert torch.allclose(inst["boxes"], torch.tensor([[8.0, 4.0, 20.0, 12.0], [8.0, 12.0, 20.0, 20.0]]))
+    assert inst["masks"].shape == (2, 24, 32) and inst["masks"].flatten(1).any(1).all()
+    # Box filtering alone would have kept it: its scaled box [0, 0, 0.4, 0.4] is not empty.
+    assert torch.equal(inst["masks"][0], torch.from_numpy(
+        np.asarray(Image.fromarray(block.astype(np.uint8)).resize((32, 24), Image.NEAREST)).astype(bool)))
+
+
+def test_flipped_polygons_are_rasterised_after_flipping_like_detectron2(tmp_path):
+    """Detectron2 scales and flips polygon coordinates, then rasterises (bitmask format); rasterising first
+    and flipping the raster differs by a pixel for some polygons (pycocotools is not mirror-symmetric)."""
+    from PIL import Image
+    from pycocotools import mask as mask_util
+
+    rng = np.random.default_rng(0)
+    h, w, nh, nw = 60, 80, 45, 60  # short edge 45: scale 0.75
+    polys = [rng.uniform([0, 0], [w, h], (int(rng.integers(3, 9)), 2)) for _ in range(40)]
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    rec = {"file_name": str(tmp_path / "p.png"), "height": h, "width": w, "image_id": 1,
+           "annotations": [{"bbox": [0, 0, w, h], "category_id": 0, "iscrowd": 0, "segmentation": [q.ravel().tolist()]}
+                           for q in polys]}
+
+    def raster(xy):
+        return mask_util.decode(mask_util.merge(mask_util.frPyObjects([xy.ravel().tolist()], nh, nw))).astype(bool)
+
+    mapper = DatasetMapper(MapperParams([nh], 1000, flip="horizontal"))
+    plain = DatasetMapper(MapperParams([nh], 1000, flip="none"))(rec, np.random.default_rng(0))["image"]
+    flips = set()
+    for seed in range(6):
+        out = mapper(rec, np.random.default_rng(seed))
+        flipped = not torch.equal(out["image"], plain)  # the flip draw, read from the (noisy) image
+        assert not flipped or torch.equal(out["image"], plain.flip(-1))
+        flips.add(flipped)
+        ref = []
+        for q in polys:
+            xy = q * (nw / w, nh / h)
+            if flipped:
+                xy[:, 0] = nw - xy[:, 0]
+            ref.append(raster(xy))
+        assert np.array_equal(out["instances"]["masks"].numpy(), np.stack(ref))
+    assert flips == {True, False}
+    # The check can fail: flipping the raster instead gives a different mask for some of these polygons.
+    assert any(not np.array_equal(raster(q * (nw / w, nh / h))[:, ::-1],
+                                  raster(np.stack([nw - q[:, 0] * nw / w, q[:, 1] * nh / h], 1))) for q in polys)
 
 
 def test_annotation_file_errors_name_the_file(tmp_path):

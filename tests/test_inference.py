@@ -109,6 +109,17 @@ def test_resize_rule_and_input_format():
     assert (x["height"], x["width"]) == (30, 40)
 
 
+@pytest.mark.parametrize("short,size", [(24, (24, 32)), (150, (150, 200))], ids=["shrink", "enlarge"])
+def test_prepare_input_resizes_exactly_like_detectron2(short, size):
+    """Detectron2's test-time ResizeShortestEdge resamples the uint8 image with PIL BILINEAR."""
+    img = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    x = prepare_input(img, short, 1333)
+    nh, nw = size
+    ref = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
+    assert np.array_equal(x["image"].permute(1, 2, 0).numpy(), ref)
+    assert (x["height"], x["width"]) == (60, 80)
+
+
 def test_instances_to_coco_results_boxes_masks_order():
     masks = torch.zeros(3, 10, 12, dtype=torch.bool)
     masks[1, 2:5, 3:9] = True

@@ -101,6 +101,40 @@ def test_resume_from_checkpoint_is_exact_with_workers_copy_paste_and_precise_bn(
     assert [r["total_loss"] for r in _metrics(part)] == [r["total_loss"] for r in rows_full]
 
 
+def test_precise_bn_reads_batches_without_copy_paste(dataset, tmp_path, monkeypatch):
+    """Detectron2's PreciseBN hook reads its own training loader and CutLER pastes only in the training
+    step: the recomputed statistics must come from un-pasted batches even when training pastes."""
+    import itertools
+
+    import cutler.engine.trainer as trainer_mod
+    from cutler.data.build import build_train_loader
+
+    cfg = _cfg(dataset, tmp_path / "pbn", **{"dataloader.copy_paste": "true", "dataloader.copy_paste_rate": 1.0,
+                                             "test.precise_bn.enabled": "true", "test.precise_bn.num_iter": 2})
+    seen = []
+
+    def fake_update_bn_stats(model, data, n):
+        seen.extend(itertools.islice(data, n))
+        return n
+
+    monkeypatch.setattr(trainer_mod, "update_bn_stats", fake_update_bn_stats)
+    trainer = trainer_mod.Trainer(cfg, model_builder=lambda c: TinyDetector())
+    assert trainer.precise_bn() == 2
+    seed = trainer.seed + trainer_mod.PRECISE_BN_SEED_OFFSET
+
+    def digest(batches):
+        return [[(d["image"], d["instances"]["masks"]) for d in b] for b in batches]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for ba, bb in zip(a, b) for da, db in zip(ba, bb) for x, y in zip(da, db))
+
+    plain = digest(b["inputs"] for b in itertools.islice(build_train_loader(cfg, seed, copy_paste=False), 2))
+    pasted = digest(b["inputs"] for b in itertools.islice(build_train_loader(cfg, seed), 2))
+    assert len(seen) == 2 and [len(b) for b in seen] == [len(b) for b in plain] == [2, 2]
+    assert same(digest(seen), plain)
+    assert not same(pasted, plain)  # the training loader does paste: the check above can fail
+
+
 def _child(args, log):
     """Run test_trainer_fixtures.child_main in a new interpreter, output to the file ``log``."""
     cmd = [sys.executable, str(HERE / "test_trainer_fixtures.py"), *map(str, args)]

@@ -116,7 +116,8 @@ class TrainLoader:
 
 
 def build_train_loader(cfg, seed: int, state: Optional[Dict] = None, rank: Optional[int] = None,
-                       world_size: Optional[int] = None, records: Optional[Sequence[Dict]] = None) -> TrainLoader:
+                       world_size: Optional[int] = None, records: Optional[Sequence[Dict]] = None,
+                       copy_paste: bool = True) -> TrainLoader:
     """The training loader of ``cfg`` for this rank.
 
     Args:
@@ -126,6 +127,8 @@ def build_train_loader(cfg, seed: int, state: Optional[Dict] = None, rank: Optio
         state: a previous :meth:`TrainLoader.state_dict` of this rank (exact resume).
         rank, world_size: default to the initialised process group / torchrun environment.
         records: already loaded records (default: read ``cfg.datasets.train``).
+        copy_paste: False never pastes, whatever ``dataloader.copy_paste`` says (Precise BN: the published
+            code pastes inside the training step, so its BN statistics come from un-pasted batches).
 
     Raises:
         ValueError: ``solver.ims_per_batch`` not divisible by the world size.
@@ -142,7 +145,7 @@ def build_train_loader(cfg, seed: int, state: Optional[Dict] = None, rank: Optio
         records = get_detection_dataset_dicts(list(cfg.datasets.train), cfg.datasets.root,
                                               filter_empty=bool(cfg.dataloader.filter_empty_annotations),
                                               class_agnostic=int(cfg.model.roi_heads.num_classes) == 1)
-    cp = CopyPasteParams.from_config(cfg) if cfg.dataloader.copy_paste else None
+    cp = CopyPasteParams.from_config(cfg) if copy_paste and cfg.dataloader.copy_paste else None
     vis_dir = os.path.join(cfg.output_dir, "copy_paste_vis") if cp is not None and cfg.dataloader.visualize_copy_paste else None
     return TrainLoader(records, DatasetMapper(MapperParams.from_config(cfg, True)), total // world_size, seed, rank,
                        world_size, int(cfg.dataloader.num_workers), bool(cfg.dataloader.aspect_ratio_grouping), cp,

@@ -11,9 +11,10 @@ any pasting (the published pairing). With probability ``rate``:
 2. rescale the whole source image and its masks to ``(round(r * H_t), round(r * W_t))``,
    ``r ~ U(min_ratio, max_ratio)``, and place it at a uniform random integer offset inside the target;
 3. drop pasted instances covering >= 50% of any existing target mask (intersection / TARGET mask area);
-4. where pasted instances overlap each other, the later one in the chosen order is on top;
-5. paint the pasted pixels over the target image, subtract them from the target masks, remove target
-   instances that became empty, and recompute every box from its mask.
+4. paint the pasted pixels (the union of the kept pasted masks) over the target image, subtract them from
+   the target masks, remove target instances that became empty, and recompute every box from its mask.
+   Only the TARGET's masks are cut: pasted masks keep their rescaled extent, so pasted instances that
+   overlapped in the source overlap in the result too (as published).
 
 The published code shifts boxes along swapped axes in one branch; boxes here always come from masks.
 """
@@ -102,18 +103,13 @@ def paste_instances(target: Dict, source: Dict, params: CopyPasteParams, generat
         occludes = (inter / tgt_area.clamp(min=1).float() >= OCCLUSION_THRESH).any(dim=1)
     else:
         occludes = torch.zeros(k, dtype=torch.bool)
+    # A mask that the rescale emptied is dropped too (the published code would keep it as an all-zero
+    # target; the mapper drops such instances as well).
     keep = ~occludes & src_masks.flatten(1).any(dim=1)
     src_masks, chosen = src_masks[keep], chosen[keep]
     if src_masks.shape[0] == 0:
         return target
-
-    # Later instances are on top: each pixel belongs to the highest index covering it.
-    order = torch.arange(1, src_masks.shape[0] + 1, dtype=torch.int64)[:, None, None]
-    owner = (src_masks.to(torch.int64) * order).amax(dim=0)  # [ph, pw], 0 = not pasted
-    src_masks = owner[None] == order
-    nonempty = src_masks.flatten(1).any(dim=1)
-    src_masks, chosen = src_masks[nonempty], chosen[nonempty]
-    union = owner > 0
+    union = src_masks.any(dim=0)  # [ph, pw]: every pasted pixel; pasted masks are not cut by each other
 
     # uint8 bilinear resize: torch's fast path for images, 4x cheaper than going through float.
     src_img = F.interpolate(source["image"][None], size=(ph, pw), mode="bilinear", align_corners=False)[0]

@@ -15,13 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from cutler.utils.image import ImageReadError, read_image_rgb
 
 from .coco import segmentation_to_rle
+
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
 def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> Tuple[int, int]:
@@ -30,10 +32,44 @@ def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> Tuple[int, 
     Used for training and testing alike."""
     if short <= 0:
         return h, w
+    # Detectron2's float operations in its order: the short side is set to ``short`` exactly and the cap
+    # rescales both sides. Computing ``h * (max_size / max(h, w))`` directly is algebraically the same but
+    # rounds differently for about one size in 10^4 (e.g. 22x44 at 800/1333: 666 vs 667 rows).
     scale = short / min(h, w)
-    if max_size > 0 and max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    new_h, new_w = (float(short), scale * w) if h < w else (scale * h, float(short))
+    if max_size > 0 and max(new_h, new_w) > max_size:
+        cap = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * cap, new_w * cap
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def resize_uint8(array: np.ndarray, new_h: int, new_w: int, interp: str = "bilinear") -> np.ndarray:
+    """Resize like Detectron2's ``ResizeTransform`` (the transform of ResizeShortestEdge) does for uint8.
+
+    Detectron2 resamples uint8 arrays with PIL: ``apply_image`` with BILINEAR for images,
+    ``apply_segmentation`` with NEAREST for bitmasks. PIL's bilinear widens its kernel when shrinking
+    (antialiasing), so OpenCV's or torch's bilinear differ by several grey levels on average.
+
+    Args:
+        array: ``(H, W)`` or ``(H, W, C)`` uint8, C in {1, 3, 4} (an image, or a 0/1 mask).
+        new_h, new_w: output size in pixels.
+        interp: ``"bilinear"`` (images) or ``"nearest"`` (masks).
+
+    Returns:
+        ``(new_h, new_w)`` or ``(new_h, new_w, C)`` uint8 (possibly read-only: copy before writing).
+
+    Raises:
+        TypeError: ``array`` is not uint8. Detectron2 would use torch's ``F.interpolate`` there, but every
+            decoder of this project (``read_image_rgb``, pycocotools) yields uint8, so that path is not kept.
+    """
+    if array.dtype != np.uint8:
+        raise TypeError(f"resize_uint8 needs a uint8 array, got {array.dtype}")
+    if array.shape[:2] == (new_h, new_w):
+        return array  # PIL returns an unchanged copy at the same size
+    single = array.ndim == 3 and array.shape[2] == 1  # PIL has no (H, W, 1) mode: resize it as "L"
+    pil = Image.fromarray(np.ascontiguousarray(array[:, :, 0] if single else array))
+    out = np.asarray(pil.resize((new_w, new_h), _PIL_FILTERS[interp]))
+    return out[:, :, None] if single else out
 
 
 @dataclass
@@ -54,9 +90,14 @@ class MapperParams:
         return cls([int(cfg.input.min_size_test)], int(cfg.input.max_size_test), "choice", "none", False)
 
 
-def _decode_masks(annotations: List[Dict], h: int, w: int, out_h: int, out_w: int) -> np.ndarray:
-    """``(M, out_h, out_w)`` bool masks. Polygons are scaled then rasterised at the output size; RLEs are
-    decoded at the original size and resized with nearest neighbour."""
+def _decode_masks(annotations: List[Dict], h: int, w: int, out_h: int, out_w: int, flip: str = "none") -> np.ndarray:
+    """``(M, out_h, out_w)`` bool masks in the resized (and flipped) image, as Detectron2's bitmask path
+    makes them: polygons are scaled and flipped as coordinates, then rasterised at the output size; RLEs
+    are decoded at the original size, resized with PIL nearest, then flipped.
+
+    Args:
+        flip: ``"none"``, ``"horizontal"`` or ``"vertical"``.
+    """
     from pycocotools import mask as mask_util
 
     out = np.zeros((len(annotations), out_h, out_w), dtype=bool)
@@ -64,12 +105,23 @@ def _decode_masks(annotations: List[Dict], h: int, w: int, out_h: int, out_w: in
     for i, ann in enumerate(annotations):
         seg = ann["segmentation"]
         if isinstance(seg, list):
-            polys = [(np.asarray(p, dtype=np.float64).reshape(-1, 2) * (sx, sy)).ravel().tolist() for p in seg]
+            polys = []
+            for poly in seg:
+                xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2) * (sx, sy)
+                # Flip the coordinates, not the raster: pycocotools' rasterisation is not mirror-symmetric
+                # (about 1 polygon in 15 differs by a pixel or two), and Detectron2 flips the polygon.
+                if flip == "horizontal":
+                    xy[:, 0] = out_w - xy[:, 0]
+                elif flip == "vertical":
+                    xy[:, 1] = out_h - xy[:, 1]
+                polys.append(xy.ravel().tolist())
             m = mask_util.decode(mask_util.merge(mask_util.frPyObjects(polys, out_h, out_w)))
         else:
-            m = mask_util.decode(segmentation_to_rle(seg, h, w))
-            if m.shape != (out_h, out_w):
-                m = cv2.resize(m, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
+            m = resize_uint8(mask_util.decode(segmentation_to_rle(seg, h, w)), out_h, out_w, "nearest")
+            if flip == "horizontal":
+                m = m[:, ::-1]
+            elif flip == "vertical":
+                m = m[::-1]
         out[i] = m.astype(bool)
     return out
 
@@ -99,8 +151,7 @@ class DatasetMapper:
         nh, nw = shortest_edge_size(h, w, short, p.max_size)
         # The flip draw happens whatever the image holds, so later draws do not depend on the content.
         flip = p.is_train and p.flip != "none" and bool(rng.random() < 0.5)
-        if (nh, nw) != (h, w):
-            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        image = resize_uint8(image, nh, nw)
         if flip:
             image = image[:, ::-1] if p.flip == "horizontal" else image[::-1]
         out = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
@@ -118,15 +169,19 @@ class DatasetMapper:
             boxes[:, [1, 3]] = nh - boxes[:, [3, 1]]
         boxes = boxes.clip(0, (nw, nh, nw, nh))
         keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
-        anns = [a for a, k in zip(anns, keep) if k]
-        inst = {"boxes": torch.as_tensor(boxes[keep], dtype=torch.float32),
-                "classes": torch.as_tensor([a["category_id"] for a in anns], dtype=torch.int64)}
+        anns, boxes = [a for a, k in zip(anns, keep) if k], boxes[keep]
+        masks = None
         if anns and all(a.get("segmentation") is not None for a in anns):
-            masks = _decode_masks(anns, h, w, nh, nw)
-            if flip:
-                masks = masks[:, :, ::-1] if p.flip == "horizontal" else masks[:, ::-1]
-            inst["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
+            masks = _decode_masks(anns, h, w, nh, nw, p.flip if flip else "none")
+            # Detectron2's filter_empty_instances also drops by mask (by_mask=True): a mask that vanished
+            # in the resize (a thin object shrunk away) would give the mask head an all-zero target.
+            nonempty = masks.reshape(len(masks), -1).any(axis=1)
+            anns, boxes, masks = [a for a, k in zip(anns, nonempty) if k], boxes[nonempty], masks[nonempty]
         elif not anns:
-            inst["masks"] = torch.zeros((0, nh, nw), dtype=torch.bool)
+            masks = np.zeros((0, nh, nw), dtype=bool)
+        inst = {"boxes": torch.as_tensor(boxes, dtype=torch.float32),
+                "classes": torch.as_tensor([a["category_id"] for a in anns], dtype=torch.int64)}
+        if masks is not None:
+            inst["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
         out["instances"] = inst
         return out

@@ -310,9 +310,12 @@ class Trainer:
 
     def precise_bn(self) -> int:
         """Recompute BatchNorm statistics over ``test.precise_bn.num_iter`` fresh training batches (a data
-        stream of its own, global RNGs untouched: the training trajectory does not change)."""
+        stream of its own, global RNGs untouched: the training trajectory does not change).
+
+        The batches are not copy-pasted: Detectron2's PreciseBN hook reads its own training loader and
+        CutLER pastes only inside the training step, so the published statistics come from plain images."""
         n = int(self.cfg.test.precise_bn.num_iter)
-        loader = build_train_loader(self.cfg, self.seed + PRECISE_BN_SEED_OFFSET)
+        loader = build_train_loader(self.cfg, self.seed + PRECISE_BN_SEED_OFFSET, copy_paste=False)
         data = (move_to_device(b["inputs"], self.device) for b in loader)
         with preserved_rng(self.device), self._autocast():
             used = update_bn_stats(unwrap(self.model), data, n)

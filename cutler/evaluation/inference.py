@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_util
 
-from ..data.mapper import shortest_edge_size
+from ..data.mapper import resize_uint8, shortest_edge_size
 from ..utils.image import ImageReadError, read_image_rgb
 from ..utils.io import atomic_open, atomic_write_json
 from ..utils.logging import get_logger, get_rank, get_world_size
@@ -43,15 +42,15 @@ _CHUNK_RE = re.compile(r"^r(\d+)_(\d+)\.done\.json$")
 
 # ------------------------------------------------------------------------------------ preprocessing
 def prepare_input(image: np.ndarray, min_size: int, max_size: int) -> Dict[str, Any]:
-    """One model input from an ``(H, W, 3)`` uint8 RGB array.
+    """One model input from an ``(H, W, 3)`` uint8 RGB array, resized as Detectron2's test-time
+    ResizeShortestEdge (:func:`~cutler.data.mapper.shortest_edge_size`, PIL bilinear).
 
     Returns:
         ``{"image": Tensor[3, h, w] uint8 RGB (resized), "height": H, "width": W}``.
     """
     h, w = image.shape[:2]
     nh, nw = shortest_edge_size(h, w, min_size, max_size)
-    if (nh, nw) != (h, w):
-        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    image = resize_uint8(image, nh, nw)  # PIL bilinear, as Detectron2's test-time ResizeShortestEdge
     tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
     return {"image": tensor, "height": h, "width": w}
 
