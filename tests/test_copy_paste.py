@@ -165,3 +165,22 @@ def test_deterministic_given_seed():
     for x, y in zip(a, b):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["instances"]["masks"], y["instances"]["masks"])
     assert any(not torch.equal(x["image"], z["image"]) for x, z in zip(a, c))
+
+
+def test_rescale_truncates_the_size_and_grows_masks_like_the_published_bilinear():
+    """Ratio 0.67 of a 10 px target: the paste window is int(6.7) = 6 px (round would give 7), and the 2x2 source
+    mask at [2:4, 2:4] of a 10x10 source becomes the 2x2 block at window pixels [1:3, 1:3], where the bilinear
+    value is > 0 (sample points 2.0 and 3.67); nearest would keep a single pixel. The offset of a 6 px window
+    ranges over 0..4, that of a 7 px one over 0..3."""
+    source = _sample(10, 10, [(2, 2, 4, 4)], 50)
+    target = _sample(10, 10, [], 0)
+    params = CopyPasteParams(rate=1.0, min_ratio=0.67, max_ratio=0.67, random_num=False)
+    offsets = set()
+    for seed in range(40):
+        out = paste_instances(target, source, params, torch.Generator().manual_seed(seed))
+        mask = out["instances"]["masks"][-1]
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert int(mask.sum()) == 4 and int(ys.max() - ys.min()) == 1 and int(xs.max() - xs.min()) == 1
+        offsets.add(int(ys.min()) - 1)
+        assert torch.equal((out["image"] != target["image"]).any(0), mask)  # only the object's pixels are painted
+    assert offsets == {0, 1, 2, 3, 4}

@@ -8,8 +8,9 @@ any pasting (the published pairing). With probability ``rate``:
 
 1. choose ``k`` source instances uniformly without replacement, ``k ~ U{1, n-1}`` (``k = 1`` when
    ``n = 1``) if ``random_num`` else all ``n``;
-2. rescale the whole source image and its masks to ``(round(r * H_t), round(r * W_t))``,
-   ``r ~ U(min_ratio, max_ratio)``, and place it at a uniform random integer offset inside the target;
+2. rescale the whole source image and its masks to ``(int(r * H_t), int(r * W_t))`` (bilinear; a mask pixel is
+   set where the resampled mask is > 0, as published), ``r ~ U(min_ratio, max_ratio)``, and place it at a
+   uniform random integer offset inside the target;
 3. drop pasted instances covering >= 50% of any existing target mask (intersection / TARGET mask area);
 4. paint the pasted pixels (the union of the kept pasted masks) over the target image, subtract them from
    the target masks, remove target instances that became empty, and recompute every box from its mask.
@@ -87,12 +88,15 @@ def paste_instances(target: Dict, source: Dict, params: CopyPasteParams, generat
     chosen = torch.randperm(n, generator=generator)[:k]
     r = _uniform(generator, params.min_ratio, params.max_ratio)
     _, ht, wt = target["image"].shape
-    ph, pw = max(1, int(round(r * ht))), max(1, int(round(r * wt)))
+    ph, pw = max(1, int(r * ht)), max(1, int(r * wt))  # truncated, as published
     y0, x0 = _randint(generator, 0, ht - ph), _randint(generator, 0, wt - pw)
 
     # Everything pasted lies in the window [y0, y0 + ph) x [x0, x0 + pw): work there only.
     win = (slice(None), slice(y0, y0 + ph), slice(x0, x0 + pw))
-    src_masks = F.interpolate(src_inst["masks"][chosen][None].to(torch.uint8), size=(ph, pw), mode="nearest")[0].bool()
+    # As published: bilinear on the 0/1 masks, then any non-zero value counts (a rescaled mask grows by its
+    # partially covered border pixels rather than losing them).
+    src_masks = F.interpolate(src_inst["masks"][chosen][None].float(), size=(ph, pw), mode="bilinear",
+                              align_corners=False)[0] > 0
     tgt_inst = target["instances"]
     tgt_masks = tgt_inst["masks"]
     m = tgt_masks.shape[0]
@@ -111,7 +115,8 @@ def paste_instances(target: Dict, source: Dict, params: CopyPasteParams, generat
         return target
     union = src_masks.any(dim=0)  # [ph, pw]: every pasted pixel; pasted masks are not cut by each other
 
-    # uint8 bilinear resize: torch's fast path for images, 4x cheaper than going through float.
+    # uint8 bilinear resize: torch's fast path for images, 4x cheaper than going through float. It rounds where
+    # the published float resize truncates (.byte()): pasted pixels differ by at most 1 grey level.
     src_img = F.interpolate(source["image"][None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
     image = target["image"].clone()
     image[win] = torch.where(union, src_img, image[win])
