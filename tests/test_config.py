@@ -86,6 +86,35 @@ def test_every_shipped_config_loads_and_round_trips_through_detectron2_yaml(path
         assert OmegaConf.to_container(back[section]) == OmegaConf.to_container(cfg[section]), section
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, CONFIGS_DIR))
+def test_export_writes_only_keys_detectron2_and_cutler_know(path):
+    """Detectron2's merge_from_file rejects unknown keys: an exported YAML may hold only keys of Detectron2's
+    config plus CutLER's additions (the literal reference below), and no value Detectron2 cannot parse."""
+    cfg = load_config(path)
+    exported = _flatten_upper(yaml.safe_load(export_detectron2_yaml(cfg)))
+    assert set(exported) <= set(D2_DEFAULTS_REFERENCE), sorted(set(exported) - set(D2_DEFAULTS_REFERENCE))
+    assert exported.get("MODEL.DEVICE", "cuda") != "auto"
+    assert exported.get("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "value") in ("value", "norm")
+
+
+def _flatten_upper(data, prefix=""):
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten_upper(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_export_refuses_what_detectron2_cannot_express():
+    cfg = load_config("cutler/imagenet_cascade_r0.yaml", ["solver.clip_gradients.clip_type=full_model"])
+    with pytest.raises(ValueError, match="full_model"):
+        export_detectron2_yaml(cfg)
+    assert "DEVICE" not in export_detectron2_yaml(load_config("cutler/imagenet_cascade_r0.yaml", ["model.device=auto"]))
+    assert "DEVICE: cpu" in export_detectron2_yaml(load_config("cutler/imagenet_cascade_r0.yaml", ["model.device=cpu"]))
+
+
 def test_plain_detectron2_export_drops_cutler_keys():
     cfg = load_config("cutler/imagenet_cascade_r0.yaml")
     text = export_detectron2_yaml(cfg, include_cutler_fork_keys=False)

@@ -199,6 +199,7 @@ def import_detectron2_yaml(path: os.PathLike | str) -> dict:
 CUTLER_ONLY_SECTIONS = ("maskcut", "selftrain", "eval", "pipeline")
 CUTLER_ONLY_KEYS = {
     "model.channels_last", "datasets.root", "solver.checkpoint_keep_last", "solver.nan_policy", "solver.amp.dtype",
+    "solver.log_period", "solver.ddp_find_unused_parameters",
 }
 # Keys the CutLER fork adds to Detectron2's config.
 CUTLER_FORK_KEYS = {
@@ -210,7 +211,8 @@ CUTLER_FORK_KEYS = {
 
 
 def export_detectron2_yaml(cfg, include_cutler_fork_keys: bool = True) -> str:
-    """Our config as a Detectron2/CutLER YAML string (UPPER_CASE keys).
+    """Our config as a Detectron2/CutLER YAML string (UPPER_CASE keys) that Detectron2's ``merge_from_file``
+    accepts: keys Detectron2 does not know are left out, and settings it cannot express raise.
 
     Args:
         cfg: a config from :func:`cutler.config.load_config`.
@@ -224,6 +226,11 @@ def export_detectron2_yaml(cfg, include_cutler_fork_keys: bool = True) -> str:
             continue
         if not include_cutler_fork_keys and key in CUTLER_FORK_KEYS:
             continue
+        if key == "model.device" and value == "auto":
+            continue  # Detectron2 has no "auto"; omitted, its default "cuda" applies (and imports back as "auto")
+        if key == "solver.clip_gradients.clip_type" and value not in ("value", "norm"):
+            raise ValueError(f"solver.clip_gradients.clip_type={value!r} has no Detectron2 equivalent (its "
+                             "GradientClipType is 'value' or 'norm', both per parameter); export a config using one")
         node = out
         parts = key.upper().split(".")
         for part in parts[:-1]:
