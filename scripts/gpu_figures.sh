@@ -52,7 +52,7 @@ for part in "${PARTS[@]}"; do
           --json "$OUT/model.json" ;;
     train)    # data loader img/s with copy-paste, and training it/s
       run train "$PY" scripts/bench_train.py --workers 0 4 8 --batches 20 --ims-per-batch 8 --num-images 64 \
-          --train-iters 20 --config-file cutler/imagenet_cascade_r0.yaml --json "$OUT/train.json" ;;
+          --train-iters 20 --train-ims-per-batch 2 --config-file cutler/imagenet_cascade_r0.yaml --json "$OUT/train.json" ;;
     *) echo "unknown part '$part' (tests crf maskcut model train)"; exit 2 ;;
   esac
 done
