@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
             n_crf = int(s["stage_status"].get("kept", 0))
             if mode != "none" and s["phase_s"]["crf"] > 0:
                 by_crf[mode]["crf_masks_per_crf_s"] = n_crf / s["phase_s"]["crf"]
-            merged[mode] = merge_outputs(out_dir, os.path.join(tmp, f"{mode}.json")) and os.path.join(tmp, f"{mode}.json")
+            merged[mode] = os.path.join(tmp, f"{mode}.json")
+            merge_outputs(out_dir, merged[mode])
         if "pydensecrf" in merged:
             res["final_masks_vs_pydensecrf"] = {m: final_mask_agreement(merged["pydensecrf"], merged[m])
                                                 for m in merged if m != "pydensecrf"}
