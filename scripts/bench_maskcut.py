@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     from cutler.config import MaskCutConfig
     from cutler.maskcut.crf import pydensecrf_refine
     from cutler.maskcut.dataset import list_dataset
-    from cutler.maskcut.ncut import maskcut_patches, upsample_stage_masks
+    from cutler.maskcut.ncut import cosine_similarity, maskcut_patches, upsample_stage_masks
     from cutler.maskcut.pipeline import MaskCutModel, run_maskcut
     from cutler.maskcut.postprocess import encode_mask, resize_mask
     from cutler.utils.logging import setup_logger
@@ -163,11 +163,18 @@ def main(argv=None) -> dict:
 
     imgs = [resize_for_maskcut(read_image_rgb(r.path), cfg.fixed_size, cfg.patch_size) for r in records]
     grid = (imgs[0][1].shape[0] // cfg.patch_size, imgs[0][1].shape[1] // cfg.patch_size)
-    feats = torch.cat([model.features([im[1] for im in imgs[i:i + cfg.batch_size]])
-                       for i in range(0, len(imgs), cfg.batch_size)])
+    batches = [slice(i, i + cfg.batch_size) for i in range(0, len(imgs), cfg.batch_size)]
+
+    def batched_features() -> torch.Tensor:
+        return torch.cat([model.features([im[1] for im in imgs[b]]) for b in batches])
+
+    def fast_ncut(f: torch.Tensor) -> list:
+        return [maskcut_patches(f[b], grid, cfg.n, cfg.tau, cfg.eps, "fast", solver_kwargs=model.solver_kwargs)
+                for b in batches]
+
+    feats = batched_features()
     t0 = time.perf_counter()
-    fast = [maskcut_patches(feats[i:i + cfg.batch_size], grid, cfg.n, cfg.tau, cfg.eps, "fast",
-                            solver_kwargs=model.solver_kwargs) for i in range(0, len(imgs), cfg.batch_size)]
+    fast = fast_ncut(feats)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t_fast = time.perf_counter() - t0
@@ -181,15 +188,10 @@ def main(argv=None) -> dict:
 
     if args.dtype_agreement:
         model.extractor.amp_dtype = "float32"
-        feats32 = torch.cat([model.features([im[1] for im in imgs[i:i + cfg.batch_size]])
-                             for i in range(0, len(imgs), cfg.batch_size)])
+        feats32 = batched_features()
         model.extractor.amp_dtype = cfg.dtype
-        masks32 = torch.cat([maskcut_patches(feats32[i:i + cfg.batch_size], grid, cfg.n, cfg.tau, cfg.eps, "fast",
-                                             solver_kwargs=model.solver_kwargs).masks
-                             for i in range(0, len(imgs), cfg.batch_size)]).cpu()
-        sim_a = torch.nn.functional.normalize(feats.float(), dim=-1)
-        sim_b = torch.nn.functional.normalize(feats32.float(), dim=-1)
-        flipped = ((sim_a @ sim_a.transpose(1, 2) > cfg.tau) != (sim_b @ sim_b.transpose(1, 2) > cfg.tau))
+        masks32 = torch.cat([f.masks for f in fast_ncut(feats32)]).cpu()
+        flipped = (cosine_similarity(feats) > cfg.tau) != (cosine_similarity(feats32) > cfg.tau)
         res["agreement_vit_dtype_vs_float32"] = {
             "vit_dtype": cfg.dtype, "device": str(dev),
             "mean_stage_iou": [float(v) for v in stage_iou(fast_masks, masks32)],
