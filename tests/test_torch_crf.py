@@ -27,6 +27,16 @@ def _image(h, w, seed=0):
     return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
 
 
+def _lattice_features(img: np.ndarray, kind: str, sxy: float, srgb: float, spatial_sxy: float = 3.0) -> np.ndarray:
+    """``(H * W, d)`` float32 kernel features of an ``(H, W, 3)`` image: ``(x, y) / sxy, rgb / srgb`` for the
+    bilateral kernel (d = 5), ``(x, y) / spatial_sxy`` for the spatial one (d = 2)."""
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind == "bilateral":
+        return np.concatenate([np.stack([xx / sxy, yy / sxy], -1), img / np.float32(srgb)], -1).reshape(-1, 5)
+    return np.stack([xx / spatial_sxy, yy / spatial_sxy], -1).reshape(-1, 2)
+
+
 def _pydensecrf_kernel(features: np.ndarray, values: np.ndarray) -> np.ndarray:
     """pydensecrf's symmetric-normalised lattice filter ``Kn(g)`` for ``g`` in (-1, 1), read out of one mean-field step.
 
@@ -53,12 +63,7 @@ def _pydensecrf_kernel(features: np.ndarray, values: np.ndarray) -> np.ndarray:
 def test_lattice_filter_matches_pydensecrf_lattice(kind):
     h, w = 23, 31
     img = _image(h, w, seed=3)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    if kind == "bilateral":
-        feats = np.concatenate([np.stack([xx / 7.0, yy / 7.0], -1), img / np.float32(9.0)], -1).reshape(-1, 5)
-    else:
-        feats = np.stack([xx / 3.0, yy / 3.0], -1).reshape(-1, 2)
-    feats = feats.astype(np.float32)
+    feats = _lattice_features(img, kind, sxy=7.0, srgb=9.0)
     g = np.random.default_rng(0).uniform(-0.8, 0.8, h * w)
     ref, g32 = _pydensecrf_kernel(feats, g)
     lat = tc.PermutohedralLattice(torch.from_numpy(feats)[None])
@@ -114,11 +119,7 @@ def test_lattice_approximates_dense_kernel(kind, mean_tol, max_tol):
     """
     h, w = 40, 48
     img = _image(h, w, seed=1)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    if kind == "bilateral":
-        feats = np.concatenate([np.stack([xx / 50.0, yy / 50.0], -1), img / np.float32(5.0)], -1).reshape(-1, 5)
-    else:
-        feats = np.stack([xx / 3.0, yy / 3.0], -1).reshape(-1, 2)
+    feats = _lattice_features(img, kind, sxy=50.0, srgb=5.0)
     v = np.random.default_rng(2).uniform(0, 1, h * w)
     ref, _ = _dense_normalized(feats, v)
     lat = tc.PermutohedralLattice(torch.from_numpy(feats.astype(np.float32))[None])
@@ -132,9 +133,7 @@ def test_lattice_batched_over_sets_equals_separate():
     h, w = 12, 15
     feats = []
     for s in range(3):
-        img = _image(h, w, seed=10 + s)
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        feats.append(np.concatenate([np.stack([xx / 4.0, yy / 4.0], -1), img / np.float32(6.0)], -1).reshape(-1, 5))
+        feats.append(_lattice_features(_image(h, w, seed=10 + s), "bilateral", sxy=4.0, srgb=6.0))
     f = torch.from_numpy(np.stack(feats))
     v = torch.rand(2, 3, h * w)
     joint = tc.PermutohedralLattice(f).filter(v)
