@@ -8,6 +8,12 @@ XYWH boxes and areas computed from those masks, one category.
 
 Image ``i`` of a split depends only on ``(seed, split, i)``, so splits of different lengths share
 their first images.
+
+With ``parts=True`` (the ``synthetic_parts`` splits, for UnSAM's hierarchies) the same scenes gain inner
+patterns: objects large enough receive one or two contrasting parts (ellipses, rectangles, bands), and some
+parts a smaller spot of their own. Ground truth then lists the whole objects (``level`` 0) followed by their
+visible parts (``level`` 1) and spots (``level`` 2), each part naming its container in ``parent``. Parts are
+drawn from a random stream of their own, so the scenes (and the default dataset) do not change.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ GENERATOR_VERSION = 1
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "ring")
 MIN_VISIBLE_AREA = 24  # px: smaller visible remnants are not annotated (they are not objects anymore)
+MIN_PART_PARENT_AREA = 900  # px: objects (and parts) smaller than this get no parts
+PARTS_STREAM = 7  # the extra seed component of the parts' random stream
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,10 @@ def _shape_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return mask
 
 
+def _split_salt(split: str) -> int:
+    return sum(ord(c) * 131**i for i, c in enumerate(split)) % (2**31)
+
+
 def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
                  ) -> Tuple[np.ndarray, List[np.ndarray]]:
     """Render image ``index`` of ``split``.
@@ -99,8 +111,14 @@ def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] 
         image: ``(H, W, 3)`` uint8 RGB.
         masks: visible ``(H, W)`` bool masks, one per annotated object (>= 1 object, at most 6).
     """
-    split_salt = sum(ord(c) * 131**i for i, c in enumerate(split)) % (2**31)
-    rng = np.random.default_rng([seed, split_salt, index])
+    canvas, visible = _render_scene(seed, split, index, size_range)
+    return np.clip(canvas, 0, 255).round().astype(np.uint8), visible
+
+
+def _render_scene(seed: int, split: str, index: int, size_range: Tuple[int, int]
+                  ) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """The float canvas and visible object masks of image ``index`` of ``split``."""
+    rng = np.random.default_rng([seed, _split_salt(split), index])
     h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
     bg_base = rng.uniform(40, 215, 3).astype(np.float32)
     canvas = _texture(rng, h, w, bg_base, strength=rng.uniform(0.1, 0.35))
@@ -130,8 +148,80 @@ def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] 
         m = m.astype(bool)
         canvas[m] = (bg_base + 100) % 256
         visible = [m]
-    image = np.clip(canvas, 0, 255).round().astype(np.uint8)
-    return image, visible
+    return canvas, visible
+
+
+@dataclass(frozen=True)
+class Part:
+    """A visible inner pattern: its mask, its depth (1 = part of an object, 2 = spot of a part) and the index of
+    its container (an object index for depth 1, a part index for depth 2)."""
+
+    mask: np.ndarray
+    depth: int
+    container: int
+
+
+def _inner_shape(rng: np.random.Generator, region: np.ndarray, fraction: Tuple[float, float]) -> np.ndarray:
+    """A random ellipse, rectangle or band of ``fraction`` of ``region``'s box size, centred inside ``region``."""
+    ys, xs = np.nonzero(region)
+    h, w = region.shape
+    box = min(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+    size = max(4.0, box * rng.uniform(*fraction))
+    inner = cv2.erode(region.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=max(1, int(size / 4)))
+    cy, cx = np.nonzero(inner) if inner.any() else (ys, xs)
+    k = int(rng.integers(len(cy)))
+    center = (int(cx[k]), int(cy[k]))
+    out = np.zeros((h, w), np.uint8)
+    kind = rng.integers(3)
+    angle = float(rng.uniform(0, 180))
+    if kind == 0:
+        cv2.ellipse(out, center, (max(2, int(size / 2)), max(2, int(size / 2 * rng.uniform(0.5, 1.0)))), angle, 0,
+                    360, 1, -1)
+    elif kind == 1:
+        pts = cv2.boxPoints(((center[0], center[1]), (size, size * rng.uniform(0.5, 1.0)), angle))
+        cv2.fillPoly(out, [np.round(pts).astype(np.int32)], 1)
+    else:  # a band across the region
+        pts = cv2.boxPoints(((center[0], center[1]), (3 * size, size * rng.uniform(0.3, 0.5)), angle))
+        cv2.fillPoly(out, [np.round(pts).astype(np.int32)], 1)
+    return out.astype(bool) & region
+
+
+def _add_parts(rng: np.random.Generator, canvas: np.ndarray, objects: List[np.ndarray]) -> List[Part]:
+    """Paint parts (and spots inside some parts) onto ``canvas`` in place; returns them."""
+    parts: List[Part] = []
+    for oi, obj in enumerate(objects):
+        if obj.sum() < MIN_PART_PARENT_AREA:
+            continue
+        taken = np.zeros_like(obj)
+        for _ in range(int(rng.integers(1, 3))):
+            part = _inner_shape(rng, obj & ~taken, (0.3, 0.5)) if (obj & ~taken).any() else taken & False
+            area = part.sum()
+            colour = (canvas[obj].mean(axis=0) + rng.choice([-1, 1], 3) * rng.uniform(70, 120, 3)) % 256
+            if area < MIN_VISIBLE_AREA or area > 0.6 * obj.sum():
+                continue
+            canvas[part] = colour
+            taken |= part
+            parts.append(Part(part, 1, oi))
+            if area >= MIN_PART_PARENT_AREA / 2 and rng.random() < 0.5:
+                spot = _inner_shape(rng, part, (0.3, 0.45))
+                if MIN_VISIBLE_AREA <= spot.sum() <= 0.6 * area:
+                    canvas[spot] = (colour + rng.choice([-1, 1], 3) * rng.uniform(80, 120, 3)) % 256
+                    parts.append(Part(spot, 2, len(parts) - 1))
+    return parts
+
+
+def render_image_with_parts(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
+                            ) -> Tuple[np.ndarray, List[np.ndarray], List[Part]]:
+    """Image ``index`` of ``split`` with inner parts: the scene of :func:`render_image` plus parts.
+
+    Returns:
+        image: ``(H, W, 3)`` uint8 RGB.
+        objects: visible ``(H, W)`` bool object masks (parts included), as :func:`render_image` returns them.
+        parts: the visible parts, containers before their spots.
+    """
+    canvas, visible = _render_scene(seed, split, index, size_range)
+    parts = _add_parts(np.random.default_rng([seed, _split_salt(split), index, PARTS_STREAM]), canvas, visible)
+    return np.clip(canvas, 0, 255).round().astype(np.uint8), visible, parts
 
 
 def mask_to_annotation(mask: np.ndarray, ann_id: int, image_id: int) -> Dict:
@@ -146,17 +236,21 @@ def mask_to_annotation(mask: np.ndarray, ann_id: int, image_id: int) -> Dict:
 
 
 def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int = 0, split: str = "train",
-                         size_range: Tuple[int, int] = (160, 384)) -> SplitPaths:
+                         size_range: Tuple[int, int] = (160, 384), parts: bool = False) -> SplitPaths:
     """Write ``num_images`` PNGs to ``out_dir/images`` and COCO ground truth to ``out_dir/annotations.json``.
 
-    The JSON is written last (atomically), so its presence means the split is complete.
+    The JSON is written last (atomically), so its presence means the split is complete. With ``parts`` the
+    images have inner parts and the annotations carry ``level`` and ``parent`` (see the module docstring).
     """
     out_dir = Path(out_dir)
     image_root = out_dir / "images"
     image_root.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(num_images):
-        image, masks = render_image(seed, split, i, size_range)
+        if parts:
+            image, masks, inner = render_image_with_parts(seed, split, i, size_range)
+        else:
+            image, masks = render_image(seed, split, i, size_range)
         file_name = f"{split}_{i:06d}.png"
         ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         if not ok:
@@ -164,11 +258,24 @@ def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int 
         atomic_write_bytes(image_root / file_name, buf.tobytes())
         image_id = i + 1
         images.append({"id": image_id, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
+        first = len(annotations) + 1
         for m in masks:
             annotations.append(mask_to_annotation(m, len(annotations) + 1, image_id))
+        if parts:
+            for ann in annotations[first - 1:]:
+                ann.update(level=0, parent=None)
+            part_ids: List[int] = []
+            for part in inner:
+                parent = first + part.container if part.depth == 1 else part_ids[part.container]
+                part_ids.append(len(annotations) + 1)
+                annotations.append({**mask_to_annotation(part.mask, part_ids[-1], image_id), "level": part.depth,
+                                    "parent": parent})
+    info = {"description": f"cutler synthetic dataset, split {split}" + (" (with parts)" if parts else ""),
+            "generator_version": GENERATOR_VERSION, "seed": seed, "size_range": list(size_range)}
+    if parts:
+        info["parts"] = True
     coco = {
-        "info": {"description": f"cutler synthetic dataset, split {split}",
-                 "generator_version": GENERATOR_VERSION, "seed": seed, "size_range": list(size_range)},
+        "info": info,
         "images": images, "annotations": annotations, "categories": [CATEGORY],
     }
     json_file = out_dir / "annotations.json"
@@ -176,7 +283,8 @@ def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int 
     return SplitPaths(image_root, json_file)
 
 
-def _split_is_current(paths: SplitPaths, num_images: int, seed: int, size_range: Tuple[int, int]) -> bool:
+def _split_is_current(paths: SplitPaths, num_images: int, seed: int, size_range: Tuple[int, int],
+                      parts: bool = False) -> bool:
     if not paths.json_file.is_file():
         return False
     try:
@@ -187,16 +295,20 @@ def _split_is_current(paths: SplitPaths, num_images: int, seed: int, size_range:
     meta = info.get("info", {})
     return (meta.get("generator_version") == GENERATOR_VERSION and meta.get("seed") == seed
             and meta.get("size_range") == list(size_range) and len(info.get("images", [])) == num_images
+            and bool(meta.get("parts", False)) == parts
             and all((paths.image_root / im["file_name"]).is_file() for im in info["images"]))
 
 
 def ensure_synthetic_dataset(root: Optional[os.PathLike | str] = None, num_train: int = 24, num_val: int = 8,
-                             seed: int = 0, size_range: Tuple[int, int] = (160, 384)) -> Dict[str, SplitPaths]:
+                             seed: int = 0, size_range: Tuple[int, int] = (160, 384),
+                             parts: bool = False) -> Dict[str, SplitPaths]:
     """Generate (or reuse, when already complete with the same parameters) the train and val splits.
 
     Args:
         root: datasets root; the splits go to ``root/synthetic/{train,val}`` (the catalog names
             ``synthetic_train`` / ``synthetic_val``). Default: ``$CUTLER_DATASETS`` or ``./datasets``.
+        parts: the variant with inner parts, in ``root/synthetic_parts/{train,val}`` (``synthetic_parts_train``
+            / ``synthetic_parts_val``).
 
     Returns:
         ``{"train": SplitPaths, "val": SplitPaths}``.
@@ -206,10 +318,10 @@ def ensure_synthetic_dataset(root: Optional[os.PathLike | str] = None, num_train
     base = Path(root) if root is not None else default_datasets_root()
     out = {}
     for split, n in (("train", num_train), ("val", num_val)):
-        split_dir = base / "synthetic" / split
+        split_dir = base / ("synthetic_parts" if parts else "synthetic") / split
         paths = SplitPaths(split_dir / "images", split_dir / "annotations.json")
-        if not _split_is_current(paths, n, seed, size_range):
-            paths = make_synthetic_split(split_dir, n, seed=seed, split=split, size_range=size_range)
+        if not _split_is_current(paths, n, seed, size_range, parts):
+            paths = make_synthetic_split(split_dir, n, seed=seed, split=split, size_range=size_range, parts=parts)
         out[split] = paths
     return out
 
@@ -223,8 +335,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-size", type=int, default=160)
     parser.add_argument("--max-size", type=int, default=384)
+    parser.add_argument("--parts", action="store_true", help="the variant with inner parts (synthetic_parts/)")
     args = parser.parse_args(argv)
-    splits = ensure_synthetic_dataset(args.root, args.num_train, args.num_val, args.seed, (args.min_size, args.max_size))
+    splits = ensure_synthetic_dataset(args.root, args.num_train, args.num_val, args.seed, (args.min_size, args.max_size),
+                                      parts=args.parts)
     for split, paths in splits.items():
         with open(paths.json_file) as f:
             coco = json.load(f)

@@ -24,6 +24,23 @@ from ..utils.logging import get_logger
 logger = get_logger(__name__)
 
 CATEGORIES = [{"id": 1, "name": "fg", "supercategory": "fg"}]
+#: Annotation fields holding the id of another annotation of the same image; renumbered with the ids.
+REFERENCE_FIELDS = ("parent",)
+
+
+def _renumber(ann: dict, new_id: int, id_map: dict, where: str) -> None:
+    """Give ``ann`` the id ``new_id`` (recording its old one in ``id_map``) and renumber its references,
+    which must name annotations seen before it."""
+    if "id" in ann:
+        id_map[ann["id"]] = new_id
+    ann["id"] = new_id
+    for key in REFERENCE_FIELDS:
+        ref = ann.get(key)
+        if ref is not None:
+            if ref not in id_map:
+                raise ValueError(f"{where}: annotation '{key}' {ref} does not name an earlier annotation of the "
+                                 "same image")
+            ann[key] = id_map[ref]
 
 
 def shard_dir_name(shard_index: int, num_shards: int, job_index: Optional[int] = None) -> str:
@@ -87,11 +104,16 @@ class ShardWriter:
         return file_name in self.finished
 
     def add(self, image_id: int, file_name: str, width: int, height: int, annotations: Iterable[dict]) -> None:
-        """Queue one image record and its annotations (``image_id`` is set here; ids are chunk-local)."""
+        """Queue one image record and its annotations (``image_id`` is set here; ids are chunk-local).
+
+        Annotations may carry ids of their own (unique within the image) that :data:`REFERENCE_FIELDS` of later
+        annotations refer to (a hierarchy's ``parent``); both are renumbered consistently.
+        """
         self._images.append({"id": int(image_id), "file_name": file_name, "width": int(width), "height": int(height)})
+        id_map: dict = {}
         for ann in annotations:
             ann = dict(ann)
-            ann["id"] = len(self._annotations) + 1
+            _renumber(ann, len(self._annotations) + 1, id_map, f"image {file_name}")
             ann["image_id"] = int(image_id)
             self._annotations.append(ann)
             self.num_annotations += 1
@@ -165,10 +187,11 @@ def merge_outputs(out_dir: os.PathLike | str, output_json: os.PathLike | str, in
         for ci, path in enumerate(chunks):
             with open(path, encoding="utf-8") as cf:
                 anns = json.load(cf)["annotations"]
+            id_map: dict = {}
             for ann in anns:
                 if owner.get(ann["image_id"]) != ci:
                     continue
-                ann["id"] = next_id
+                _renumber(ann, next_id, id_map, path)
                 next_id += 1
                 f.write(("" if first else ", ") + json.dumps(ann))
                 first = False
