@@ -120,6 +120,9 @@ def _register_builtins() -> None:
     r("objects365_val", "objects365/val", "objects365/annotations/zhiyuan_objv2_val_cls_agnostic.json", has_masks=False)
     r("openimages_val", "openimages/validation", "openimages/annotations/openimages_v6_val_cls_agnostic.json",
       has_masks=False)
+    # UnSAM's AR benchmark (with coco_2017_val and lvis_val): SA-1B images held out from training.
+    r("sa1b_val", "sa1b/images", "sa1b/annotations/sa1b_val_cls_agnostic.json",
+      description="1000 SA-1B images not used for training (datasets/convert_sa1b.py)")
 
 
 _register_builtins()

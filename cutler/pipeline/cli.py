@@ -27,10 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def make_plan(cfg):
+    """The plan of ``pipeline.variant``: ``cutler`` (:class:`PipelinePlan`) or ``unsam``
+    (:class:`cutler.unsam.pipeline.UnsamPlan`)."""
+    variant = str(cfg.pipeline.variant)
+    if variant == "unsam":
+        from cutler.unsam.pipeline import UnsamPlan
+
+        return UnsamPlan(cfg)
+    if variant != "cutler":
+        raise ValueError(f"pipeline.variant={variant!r}; choose cutler or unsam")
+    return PipelinePlan(cfg)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    plan = PipelinePlan(cfg)
+    plan = make_plan(cfg)
     stages = plan.stages()
     setup_logger(str(plan.run_dir))
     print(f"pipeline run directory: {plan.run_dir}")
@@ -39,6 +52,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return {}
     save_run_config(plan)
     data = run_stages(stages, plan.run_dir, only=args.stage, force=args.force)
+    if not isinstance(plan, PipelinePlan):
+        summary = plan.summary_lines(data)
+        print("\n".join(summary))
+        report = plan.run_dir / "report" / "report.md"
+        if report.is_file():
+            print(f"report: {report}")
+        return data
     counts = pseudo_mask_counts(data, plan.rounds)
     summary = []
     for r in range(plan.rounds + 1):

@@ -224,6 +224,35 @@ def _torch_refine(hier: ImageHierarchy, settings: MergeSettings, device: torch.d
     return list(torch_crf_refine(imgs, masks, settings.crf_params).cpu().numpy())
 
 
+def merge_image(raw: dict, image: np.ndarray, width: int, height: int, settings: MergeSettings,
+                device: Optional[torch.device] = None) -> tuple:
+    """The merge step of one image from :meth:`DivideConquerModel.__call__` output: with ``settings.crf`` equal
+    to ``"precomputed"`` the CRF runs batched on ``device`` (the torch CRF), otherwise everything runs here
+    (:func:`cutler.unsam.postprocess.postprocess_image`). Returns ``(annotations, stats)``."""
+    from pycocotools import mask as mask_util
+
+    if settings.crf != "precomputed":
+        return postprocess_image(image, width, height, raw["rles"], raw["scores"], raw["level_labels"], settings)
+    t0 = time.perf_counter()
+    cand, counts = build_candidates([mask_util.decode(x).astype(bool) for x in raw["rles"]], raw["scores"],
+                                    raw["level_labels"], settings)
+    hier = ImageHierarchy(image, width, height, cand, settings)
+    hier.nms()
+    t1 = time.perf_counter()
+    hier.apply_refinement(_torch_refine(hier, settings, device or torch.device("cpu")))
+    t2 = time.perf_counter()
+    anns = hier.annotations()
+    return anns, {**counts, **hier.stats, "seconds": {"masks": t1 - t0, "crf": t2 - t1,
+                                                      "encode": time.perf_counter() - t2}}
+
+
+def merge_settings(ucfg, device: torch.device) -> MergeSettings:
+    """The merge settings of ``ucfg`` on ``device`` (``unsam.merge.crf`` resolved: ``auto`` is the torch CRF on a
+    GPU, pydensecrf elsewhere)."""
+    mode = resolve_crf_mode(ucfg.merge.crf, device)
+    return MergeSettings.from_config(ucfg, "precomputed" if mode == "torch" else mode)
+
+
 def run_divide_conquer(ucfg, records: Sequence[ImageRecord], out_dir: str, shard_index: int = 0,
                        num_shards: int = 1, progress: bool = True,
                        model: Optional[DivideConquerModel] = None) -> dict:
@@ -240,8 +269,8 @@ def run_divide_conquer(ucfg, records: Sequence[ImageRecord], out_dir: str, shard
     t_start = time.perf_counter()
     model = model or DivideConquerModel(ucfg)
     device = model.device
-    crf_mode = resolve_crf_mode(ucfg.merge.crf, device)
-    settings = MergeSettings.from_config(ucfg, "precomputed" if crf_mode == "torch" else crf_mode)
+    settings = merge_settings(ucfg, device)
+    crf_mode = "torch" if settings.crf == "precomputed" else settings.crf
     writer = ShardWriter(os.path.join(out_dir, "shards", shard_dir_name(shard_index, num_shards)), ucfg.chunk_size)
     todo = [r for r in records if not writer.is_done(r.file_name)]
     skipped = len(records) - len(todo)
@@ -283,28 +312,12 @@ def run_divide_conquer(ucfg, records: Sequence[ImageRecord], out_dir: str, shard
                 continue
             finish(rec, w, h, anns, stats)
 
-    def merge_on_device(it: dict, r: dict):
-        """The merge step with the torch CRF: candidates and NMS here, the CRF batched on the device."""
-        from pycocotools import mask as mask_util
-
-        t0 = time.perf_counter()
-        cand, counts = build_candidates([mask_util.decode(x).astype(bool) for x in r["rles"]], r["scores"],
-                                        r["level_labels"], settings)
-        hier = ImageHierarchy(it["image"], it["width"], it["height"], cand, settings)
-        hier.nms()
-        t1 = time.perf_counter()
-        hier.apply_refinement(_torch_refine(hier, settings, device))
-        t2 = time.perf_counter()
-        anns = hier.annotations()
-        return anns, {**counts, **hier.stats, "seconds": {"masks": t1 - t0, "crf": t2 - t1,
-                                                          "encode": time.perf_counter() - t2}}
-
     def run_batch(items: List[dict]) -> None:
         raw = model([it["image"] for it in items])
         futures = []
         for it, r in zip(items, raw):
             if crf_mode == "torch":
-                fut = _Inline(merge_on_device, it, r)
+                fut = _Inline(merge_image, r, it["image"], it["width"], it["height"], settings, device)
             else:
                 args = (it["image"], it["width"], it["height"], r["rles"], r["scores"], r["level_labels"], settings)
                 fut = pool.submit(postprocess_image, *args) if pool else _Inline(postprocess_image, *args)
@@ -350,4 +363,5 @@ def run_divide_conquer(ucfg, records: Sequence[ImageRecord], out_dir: str, shard
     return summary
 
 
-__all__ = ["DivideConquerModel", "SquareImages", "build_divide_detector", "mask_boxes", "run_divide_conquer"]
+__all__ = ["DivideConquerModel", "SquareImages", "build_divide_detector", "mask_boxes", "merge_image", "merge_settings",
+           "run_divide_conquer"]
