@@ -8,7 +8,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -148,6 +148,39 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0].split(":")[0].strip()
 
 
+def feed_batches(loader, run_batch: Callable[[List[dict]], None], fail: Callable[[ImageRecord, str], None],
+                 after_batch: Callable[[], None], timings: Dict[str, float], what: str) -> None:
+    """Hand every decoded batch of ``loader`` to ``run_batch``, isolating failures.
+
+    Items carrying an ``error`` (undecodable images) go to ``fail``; a batch whose processing raises is retried
+    image by image, and an image that still fails goes to ``fail`` with the reason (``"<what> failed: ..."``).
+    ``after_batch`` runs after each batch (e.g. collecting finished post-processing). Seconds spent waiting for
+    the loader and decoding (as the items report it) add to ``timings["decode_wait"]`` / ``timings["decode"]``.
+    """
+    t_wait = time.perf_counter()
+    for batch in loader:
+        timings["decode_wait"] += time.perf_counter() - t_wait
+        good = []
+        for it in batch:
+            if "error" in it:
+                fail(it["record"], it["error"])
+            else:
+                timings["decode"] += it["decode_s"]
+                good.append(it)
+        if good:
+            try:
+                run_batch(good)
+            except Exception as e:  # noqa: BLE001 - isolate the image that breaks the batch
+                logger.warning("batch failed (%s: %s); retrying its images one by one", type(e).__name__, e)
+                for it in good:
+                    try:
+                        run_batch([it])
+                    except Exception as e1:  # noqa: BLE001
+                        fail(it["record"], f"{what} failed: {type(e1).__name__}: {e1}")
+        after_batch()
+        t_wait = time.perf_counter()
+
+
 def run_maskcut(cfg, records: Sequence[ImageRecord], out_dir: str, shard_index: int = 0, num_shards: int = 1,
                 job_index: Optional[int] = None, progress: bool = True,
                 model: Optional[MaskCutModel] = None) -> dict:
@@ -221,29 +254,8 @@ def run_maskcut(cfg, records: Sequence[ImageRecord], out_dir: str, shard_index: 
         for it, m, c in zip(items, up, crf_outs):
             submit(it, m, c)
 
-    t_wait = time.perf_counter()
     try:
-        for batch in loader:
-            timings["decode_wait"] += time.perf_counter() - t_wait
-            good = []
-            for it in batch:
-                if "error" in it:
-                    fail(it["record"], it["error"])
-                else:
-                    timings["decode"] += it["decode_s"]
-                    good.append(it)
-            if good:
-                try:
-                    run_batch(good)
-                except Exception as e:  # noqa: BLE001 - isolate the image that breaks the batch
-                    logger.warning("batch failed (%s: %s); retrying its images one by one", type(e).__name__, e)
-                    for it in good:
-                        try:
-                            run_batch([it])
-                        except Exception as e1:  # noqa: BLE001
-                            fail(it["record"], f"maskcut failed: {type(e1).__name__}: {e1}")
-            drain(max_pending)
-            t_wait = time.perf_counter()
+        feed_batches(loader, run_batch, fail, lambda: drain(max_pending), timings, "maskcut")
         drain(0)
     finally:
         bar.close()

@@ -26,7 +26,7 @@ import torch
 
 from ..data.mapper import resize_uint8
 from ..maskcut.dataset import ImageRecord, collate_items
-from ..maskcut.pipeline import _Inline, make_crf_pool, resolve_crf_mode
+from ..maskcut.pipeline import _Inline, _reason_kind, feed_batches, make_crf_pool, resolve_crf_mode
 from ..maskcut.vit import DinoFeatureExtractor
 from ..maskcut.writer import ShardWriter, shard_dir_name
 from ..utils.device import resolve_device
@@ -290,7 +290,7 @@ def run_divide_conquer(ucfg, records: Sequence[ImageRecord], out_dir: str, shard
 
     def fail(rec: ImageRecord, reason: str) -> None:
         writer.add_failure(rec.id, rec.file_name, reason)
-        reasons[reason.split(":")[0].split(" (")[0].strip()] += 1
+        reasons[_reason_kind(reason)] += 1
         bar.update(1)
 
     def finish(rec, w, h, anns, stats) -> None:
@@ -326,25 +326,7 @@ def run_divide_conquer(ucfg, records: Sequence[ImageRecord], out_dir: str, shard
 
     max_pending = max(4, 4 * (pool._max_workers if pool else 1))
     try:
-        for batch in loader:
-            good = []
-            for it in batch:
-                if "error" in it:
-                    fail(it["record"], it["error"])
-                else:
-                    timings["decode"] += it["decode_s"]
-                    good.append(it)
-            if good:
-                try:
-                    run_batch(good)
-                except Exception as e:  # noqa: BLE001 - isolate the image that breaks the batch
-                    logger.warning("batch failed (%s: %s); retrying its images one by one", type(e).__name__, e)
-                    for it in good:
-                        try:
-                            run_batch([it])
-                        except Exception as e1:  # noqa: BLE001
-                            fail(it["record"], f"divide-and-conquer failed: {type(e1).__name__}: {e1}")
-            drain(max_pending)
+        feed_batches(loader, run_batch, fail, lambda: drain(max_pending), timings, "divide-and-conquer")
         drain(0)
     finally:
         bar.close()
