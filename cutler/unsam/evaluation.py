@@ -65,7 +65,7 @@ def segmenter_table(per_benchmark: Mapping[str, Mapping[str, float]], max_dets: 
     return header, rows
 
 
-def pseudo_table(ours: Optional[Mapping[str, float]], max_dets: int = 1000, ours_label: str = "ours, CRF"
+def pseudo_table(ours: Optional[Mapping[str, float]], max_dets: int = 1000, ours_label: str = "ours"
                  ) -> Tuple[List[str], List[List[Any]]]:
     """Header and rows of pseudo-mask AR: ours (``ar_summary`` output, or None) then the published SA-1B rows."""
     header = ["pseudo-masks", f"AR{max_dets}", "ARs", "ARm", "ARl"]
