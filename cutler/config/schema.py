@@ -134,8 +134,38 @@ class ROIMaskHeadConfig:
 
 
 @dataclass
+class SemSegHeadConfig:
+    """The Panoptic FPN semantic branch (Detectron2's ``MODEL.SEM_SEG_HEAD``); used by ``PanopticFPN``."""
+
+    name: str = "SemSegFPNHead"
+    in_features: List[str] = _list("p2", "p3", "p4", "p5")
+    ignore_value: int = 255  # target value without loss (void)
+    num_classes: int = 54  # Detectron2's COCO: 53 stuff + 1 "thing"; U2Seg: 27 STEGO clusters + 1 = 28
+    convs_dim: int = 128
+    common_stride: int = 4  # every level is brought to this stride, then the logits are upsampled x4
+    norm: str = "GN"
+    loss_weight: float = 1.0  # lambda_s (Base-Panoptic-FPN recipes: 0.5)
+
+
+@dataclass
+class PanopticCombineConfig:
+    """How instances and semantic output become one panoptic map (Detectron2's defaults)."""
+
+    enabled: bool = True  # kept for Detectron2 YAML compatibility; the combination always runs at inference
+    overlap_thresh: float = 0.5  # an instance whose mask is more than this fraction already taken is dropped
+    stuff_area_limit: int = 4096  # stuff regions smaller than this (pixels of the output image) are dropped
+    instances_confidence_thresh: float = 0.5  # instances scoring below this are not pasted
+
+
+@dataclass
+class PanopticFPNConfig:
+    instance_loss_weight: float = 1.0  # lambda_i, on every ROI-head loss (classification, box, mask)
+    combine: PanopticCombineConfig = field(default_factory=PanopticCombineConfig)
+
+
+@dataclass
 class ModelConfig:
-    meta_architecture: str = "GeneralizedRCNN"
+    meta_architecture: str = "GeneralizedRCNN"  # | "PanopticFPN" (adds model.sem_seg_head) | "ProposalNetwork"
     weights: str = ""  # a local path; URLs are refused (no downloads at run time)
     mask_on: bool = False
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -151,6 +181,8 @@ class ModelConfig:
     roi_box_head: ROIBoxHeadConfig = field(default_factory=ROIBoxHeadConfig)
     roi_box_cascade_head: ROIBoxCascadeHeadConfig = field(default_factory=ROIBoxCascadeHeadConfig)
     roi_mask_head: ROIMaskHeadConfig = field(default_factory=ROIMaskHeadConfig)
+    sem_seg_head: SemSegHeadConfig = field(default_factory=SemSegHeadConfig)
+    panoptic_fpn: PanopticFPNConfig = field(default_factory=PanopticFPNConfig)
 
 
 # ---------------------------------------------------------------------------------------------- data
