@@ -284,7 +284,7 @@ class TestConfig:
 # ------------------------------------------------------------------------------------------- maskcut
 @dataclass
 class MaskCutConfig:
-    """MaskCut pseudo-mask generation (``../shared/spec/maskcut.md``)."""
+    """MaskCut pseudo-mask generation (see ``docs/maskcut.md``)."""
 
     vit_arch: str = "base"  # "small" | "base"
     vit_feat: str = "k"  # "k" | "q" | "v" | "kqv"
@@ -340,6 +340,42 @@ class EvalConfig:
 
 
 @dataclass
+class U2SegConfig:
+    """U2Seg (semantic-aware instances): instance embeddings, K-means pseudo-classes, same-cluster copy-paste,
+    many-to-one matched evaluation. Defaults are the published instance setting (see ``docs/u2seg.md``)."""
+
+    num_clusters: int = 800  # C: published 300, 800 (main), 2911
+    # Instance embeddings: "cls" = DINO CLS token of the instance's box crop (published); "keys" = mean of the
+    # last block's patch keys under the mask (one ViT pass per image instead of one per instance).
+    feature: str = "cls"
+    vit_arch: str = "base"
+    patch_size: int = 8
+    pretrain_path: str = ""  # DINO ViT checkpoint; empty = random init (loud warning)
+    crop_size: int = 480  # "cls": shortest side resized to this, then centre-cropped square (published)
+    image_size: int = 480  # "keys": the whole image resized to this square (MaskCut's fixed_size)
+    batch_size: int = 64  # ViT inputs per forward (crops for "cls", images for "keys")
+    num_workers: int = 4  # image decoding / cropping workers
+    dtype: str = "auto"  # ViT autocast: "auto" (bf16 on GPU, float32 on CPU) | "bfloat16" | "float16" | "float32"
+    device: str = "auto"
+    chunk_size: int = 1000  # images per atomically written embedding chunk (what a killed run can lose)
+    shard_index: int = -1  # -1 = from torchrun's RANK (or 0)
+    num_shards: int = -1  # -1 = from torchrun's WORLD_SIZE (or 1)
+    min_score: float = 0.0  # instances from a predictions file: keep those scoring at least this
+    # K-means (Lloyd, Euclidean on the L2-normalised embeddings, random data points as initial centroids).
+    backend: str = "auto"  # "torch" (batched, any device) | "faiss" | "sklearn" | "auto" (torch on GPU, else faiss)
+    seed: int = 0
+    max_iter: int = 100  # published: 100 iterations; stops earlier once no assignment changes
+    max_points_per_centroid: int = 0  # faiss: train on a sample of this many points per centroid (0 = all)
+    # Same-cluster copy-paste: "any" = CutLER's batch pairing, "same_cluster" = U2Seg's pairing.
+    copy_paste_pairing: str = "any"
+    # Many-to-one matching of cluster ids to dataset categories (evaluation). Negative = the published value
+    # for the dataset and cluster count (COCO 800: IoU 0.6, conf 0.4).
+    match_conf: float = -1.0
+    match_iou: float = -1.0
+    match_iou_type: str = "bbox"  # "bbox" | "segm": the IoU that casts the votes
+
+
+@dataclass
 class PipelineConfig:
     """The one-command pipeline (``tools/run_pipeline.py``): MaskCut -> round 0 -> self-training -> evaluation."""
 
@@ -361,6 +397,7 @@ class PipelineConfig:
     num_overlays: int = 4  # held-out images drawn with each round's detections
     overlay_score_thresh: float = 0.5
     num_gpus: int = 1  # training processes on this machine (CPU processes without CUDA)
+    variant: str = "cutler"  # "cutler" | "u2seg" (adds embeddings + clustering, class-aware rounds, matched eval)
 
 
 @dataclass
@@ -377,6 +414,7 @@ class CutlerConfig:
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    u2seg: U2SegConfig = field(default_factory=U2SegConfig)
     output_dir: str = "output"
     seed: int = -1  # -1 = derive from time (logged); >= 0 = deterministic
     cudnn_benchmark: bool = False

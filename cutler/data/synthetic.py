@@ -4,7 +4,11 @@ Used by the tests, the embedded demo (no data given) and the benchmarks, since n
 downloaded at run time. Each image has a textured background and 1-6 objects (ellipses, rectangles,
 triangles, stars, rings), solid or textured fills, small to large, drawn in order so later objects
 occlude earlier ones. Ground truth is the VISIBLE part of every object: COCO JSON with RLE masks,
-XYWH boxes and areas computed from those masks, one category.
+XYWH boxes and areas computed from those masks, one category (``annotations.json``, what class-agnostic
+training and evaluation read). The same annotations with their shape as the category (five classes,
+:data:`SHAPE_CATEGORIES`) are written beside it as ``annotations_shapes.json`` (catalog names
+``synthetic_shapes_{train,val}``), for class-aware work such as U2Seg's matched evaluation; the images
+and the one-category file do not depend on it.
 
 Image ``i`` of a split depends only on ``(seed, split, i)``, so splits of different lengths share
 their first images.
@@ -27,6 +31,8 @@ from cutler.utils.io import atomic_write_bytes, atomic_write_json
 GENERATOR_VERSION = 1
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "ring")
+SHAPE_CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]
+SHAPES_JSON = "annotations_shapes.json"
 MIN_VISIBLE_AREA = 24  # px: smaller visible remnants are not annotated (they are not objects anymore)
 
 
@@ -60,8 +66,9 @@ def _texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray, strengt
     return base[None, None, :] + mod * (0.5 * base[None, None, :] + 30) + tint * (pattern[..., None] > 0)
 
 
-def _shape_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """``(h, w)`` uint8 mask of one random shape, sizes from tiny (~1% of the side) to large (~60%)."""
+def _shape_mask(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, str]:
+    """``(h, w)`` uint8 mask of one random shape, sizes from tiny (~1% of the side) to large (~60%), and the
+    shape's name."""
     mask = np.zeros((h, w), np.uint8)
     side = min(h, w)
     size = side * rng.choice([rng.uniform(0.06, 0.12), rng.uniform(0.12, 0.3), rng.uniform(0.3, 0.6)])
@@ -88,16 +95,17 @@ def _shape_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         r_out = max(3, int(size / 2))
         cv2.circle(mask, (int(cx), int(cy)), r_out, 1, -1)
         cv2.circle(mask, (int(cx), int(cy)), max(1, int(r_out * rng.uniform(0.35, 0.6))), 0, -1)
-    return mask
+    return mask, shape
 
 
-def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
-                 ) -> Tuple[np.ndarray, List[np.ndarray]]:
+def render_scene(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
+                 ) -> Tuple[np.ndarray, List[np.ndarray], List[str]]:
     """Render image ``index`` of ``split``.
 
     Returns:
         image: ``(H, W, 3)`` uint8 RGB.
         masks: visible ``(H, W)`` bool masks, one per annotated object (>= 1 object, at most 6).
+        shapes: the shape name (one of :data:`SHAPES`) of each mask.
     """
     split_salt = sum(ord(c) * 131**i for i, c in enumerate(split)) % (2**31)
     rng = np.random.default_rng([seed, split_salt, index])
@@ -105,9 +113,10 @@ def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] 
     bg_base = rng.uniform(40, 215, 3).astype(np.float32)
     canvas = _texture(rng, h, w, bg_base, strength=rng.uniform(0.1, 0.35))
     n_objects = int(rng.integers(1, 7))
-    full_masks: List[np.ndarray] = []
+    full_masks: List[Tuple[np.ndarray, str]] = []
     for _ in range(n_objects):
-        m = _shape_mask(rng, h, w).astype(bool)
+        m, shape = _shape_mask(rng, h, w)
+        m = m.astype(bool)
         if m.sum() < MIN_VISIBLE_AREA:
             continue
         # Object colours are pushed away from the background so objects are discoverable.
@@ -115,23 +124,30 @@ def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] 
         fill = _texture(rng, h, w, color.astype(np.float32), strength=0.3) if rng.random() < 0.5 \
             else np.broadcast_to(color, (h, w, 3))
         canvas[m] = fill[m]
-        full_masks.append(m)
-    visible: List[np.ndarray] = []
+        full_masks.append((m, shape))
+    visible: List[Tuple[np.ndarray, str]] = []
     occluder = np.zeros((h, w), bool)
-    for m in reversed(full_masks):  # later objects are on top
+    for m, shape in reversed(full_masks):  # later objects are on top
         vis = m & ~occluder
         occluder |= m
         if vis.sum() >= MIN_VISIBLE_AREA:
-            visible.append(vis)
+            visible.append((vis, shape))
     visible.reverse()
     if not visible:  # guarantee one object: a centred ellipse drawn on top
         m = np.zeros((h, w), np.uint8)
         cv2.ellipse(m, (w // 2, h // 2), (w // 5, h // 6), 0, 0, 360, 1, -1)
         m = m.astype(bool)
         canvas[m] = (bg_base + 100) % 256
-        visible = [m]
+        visible = [(m, "ellipse")]
     image = np.clip(canvas, 0, 255).round().astype(np.uint8)
-    return image, visible
+    return image, [m for m, _ in visible], [shape for _, shape in visible]
+
+
+def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
+                 ) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """:func:`render_scene` without the shape names: ``(image, visible masks)``."""
+    image, masks, _ = render_scene(seed, split, index, size_range)
+    return image, masks
 
 
 def mask_to_annotation(mask: np.ndarray, ann_id: int, image_id: int) -> Dict:
@@ -147,16 +163,18 @@ def mask_to_annotation(mask: np.ndarray, ann_id: int, image_id: int) -> Dict:
 
 def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int = 0, split: str = "train",
                          size_range: Tuple[int, int] = (160, 384)) -> SplitPaths:
-    """Write ``num_images`` PNGs to ``out_dir/images`` and COCO ground truth to ``out_dir/annotations.json``.
+    """Write ``num_images`` PNGs to ``out_dir/images`` and COCO ground truth to ``out_dir/annotations.json``
+    (one category) and ``out_dir/annotations_shapes.json`` (the shape classes, same annotation ids).
 
-    The JSON is written last (atomically), so its presence means the split is complete.
+    The JSONs are written last (atomically, the one-category file last), so its presence means the split is
+    complete.
     """
     out_dir = Path(out_dir)
     image_root = out_dir / "images"
     image_root.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images, annotations, shape_ids = [], [], []
     for i in range(num_images):
-        image, masks = render_image(seed, split, i, size_range)
+        image, masks, shapes = render_scene(seed, split, i, size_range)
         file_name = f"{split}_{i:06d}.png"
         ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         if not ok:
@@ -164,15 +182,17 @@ def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int 
         atomic_write_bytes(image_root / file_name, buf.tobytes())
         image_id = i + 1
         images.append({"id": image_id, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
-        for m in masks:
+        for m, shape in zip(masks, shapes):
             annotations.append(mask_to_annotation(m, len(annotations) + 1, image_id))
-    coco = {
-        "info": {"description": f"cutler synthetic dataset, split {split}",
-                 "generator_version": GENERATOR_VERSION, "seed": seed, "size_range": list(size_range)},
-        "images": images, "annotations": annotations, "categories": [CATEGORY],
-    }
+            shape_ids.append(SHAPES.index(shape) + 1)
+    info = {"description": f"cutler synthetic dataset, split {split}",
+            "generator_version": GENERATOR_VERSION, "seed": seed, "size_range": list(size_range)}
+    shapes_info = dict(info, description=f"cutler synthetic dataset, split {split}, shape classes")
+    atomic_write_json(out_dir / SHAPES_JSON, {
+        "info": shapes_info, "images": images, "categories": SHAPE_CATEGORIES,
+        "annotations": [dict(a, category_id=c) for a, c in zip(annotations, shape_ids)]})
     json_file = out_dir / "annotations.json"
-    atomic_write_json(json_file, coco)
+    atomic_write_json(json_file, {"info": info, "images": images, "annotations": annotations, "categories": [CATEGORY]})
     return SplitPaths(image_root, json_file)
 
 
@@ -187,6 +207,7 @@ def _split_is_current(paths: SplitPaths, num_images: int, seed: int, size_range:
     meta = info.get("info", {})
     return (meta.get("generator_version") == GENERATOR_VERSION and meta.get("seed") == seed
             and meta.get("size_range") == list(size_range) and len(info.get("images", [])) == num_images
+            and (paths.json_file.parent / SHAPES_JSON).is_file()
             and all((paths.image_root / im["file_name"]).is_file() for im in info["images"]))
 
 

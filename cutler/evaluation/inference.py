@@ -67,15 +67,17 @@ def encode_masks(masks: np.ndarray) -> List[Dict[str, Any]]:
 
 
 def instances_to_coco_results(instances: Mapping[str, Any], image_id: Any, max_dets: int = 100,
-                              with_masks: bool = True, category_id: int = 1) -> List[Dict[str, Any]]:
-    """A model's per-image output -> COCO detection results (class-agnostic).
+                              with_masks: bool = True, category_id: Optional[int] = 1) -> List[Dict[str, Any]]:
+    """A model's per-image output -> COCO detection results.
 
     Args:
-        instances: ``{"boxes": [N,4] XYXY pixels, "scores": [N], "masks": [N,H,W] bool (optional)}``
-            as tensors or arrays, in the original image's pixels.
+        instances: ``{"boxes": [N,4] XYXY pixels, "scores": [N], "masks": [N,H,W] bool (optional),
+            "classes": [N] (with ``category_id=None``)}`` as tensors or arrays, in the original image's pixels.
         image_id: the dataset's image id.
         max_dets: keep the ``max_dets`` highest scores.
         with_masks: also encode ``masks`` as RLE ``segmentation`` (when present).
+        category_id: the category of every detection (class-agnostic); None = each detection's class + 1
+            (class-aware models trained on categories 1..K, such as U2Seg's clusters).
 
     Returns:
         ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation"?}]``.
@@ -88,10 +90,11 @@ def instances_to_coco_results(instances: Mapping[str, Any], image_id: Any, max_d
     order = np.argsort(-scores, kind="stable")[:max_dets]
     masks = instances.get("masks") if with_masks else None
     rles = encode_masks(arr(masks)[order]) if masks is not None else None
+    cats = arr(instances["classes"]).reshape(-1).astype(np.int64) + 1 if category_id is None else None
     out = []
     for j, i in enumerate(order):
         x0, y0, x1, y1 = boxes[i]
-        r = {"image_id": image_id, "category_id": category_id,
+        r = {"image_id": image_id, "category_id": int(cats[i]) if cats is not None else category_id,
              "bbox": [round(float(x0), 3), round(float(y0), 3), round(float(x1 - x0), 3), round(float(y1 - y0), 3)],
              "score": round(float(scores[i]), 5)}
         if rles is not None:
@@ -278,6 +281,7 @@ def run_inference(
     chunk_size: int = 500,
     max_dets: int = 100,
     with_masks: bool = True,
+    class_aware: bool = False,
     resume: bool = True,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
@@ -297,6 +301,7 @@ def run_inference(
         chunk_size: images per committed chunk (what a killed run can lose).
         max_dets: detections kept per image (highest scores).
         with_masks: encode predicted masks as RLE.
+        class_aware: each detection's ``category_id`` is its predicted class + 1 (else 1 for all).
         resume: skip images in committed chunks; ``False`` deletes previous chunks first.
         rank, world_size: this process's shard; default from torch.distributed or the environment.
         progress: tqdm bar on rank 0.
@@ -318,8 +323,11 @@ def run_inference(
     if _dist_ready() and not resume:
         torch.distributed.barrier()
 
-    with_masks = _check_settings(output_dir, {"min_size": min_size, "max_size": max_size, "max_dets": max_dets,
-                                 "with_masks": with_masks, "num_images": len(images)}, resume)
+    settings = {"min_size": min_size, "max_size": max_size, "max_dets": max_dets, "with_masks": with_masks,
+                "num_images": len(images)}
+    if class_aware:  # recorded only when set, so folders written before the option resume as they were
+        settings["class_aware"] = True
+    with_masks = _check_settings(output_dir, settings, resume)
     ordered = sorted(images, key=lambda im: (str(type(im["id"])), im["id"]))
     all_ids = {im["id"] for im in ordered}
     if len(all_ids) != len(ordered):
@@ -355,7 +363,8 @@ def run_inference(
                 with torch.inference_mode():
                     outputs = model([{k: b[k] for k in ("image", "height", "width")} for b in good])
                 for b, out in zip(good, outputs):
-                    results.extend(instances_to_coco_results(out["instances"], b["image_id"], max_dets, with_masks))
+                    results.extend(instances_to_coco_results(out["instances"], b["image_id"], max_dets, with_masks,
+                                                             None if class_aware else 1))
             ids.extend(b["image_id"] for b in batch)
             bar.update(len(batch))
             if len(ids) >= chunk_size:

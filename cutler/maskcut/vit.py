@@ -201,6 +201,36 @@ class DinoFeatureExtractor(nn.Module):
         dim = self.vit.embed_dim
         return 3 * dim if self.feat == "kqv" else dim
 
+    def embed_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The input of the first block: ``(B, 1 + h * w, dim)`` CLS + patch tokens with DINO-resampled
+        position embeddings, for images as :meth:`forward` takes them (call under the autocast context)."""
+        b, _, H, W = images.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        x = (x - self.mean) / self.std
+        vit = self.vit
+        tokens = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, hw, C)
+        tokens = vit.patch_embed.norm(tokens)
+        cls = vit.cls_token.expand(b, -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1)
+        tokens = tokens + interpolate_pos_embed(vit.pos_embed, H // p, W // p)
+        return vit.norm_pre(tokens)
+
+    @torch.no_grad()
+    def cls_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, dim)`` float32 CLS token after the last block and the final LayerNorm (DINO's image feature),
+        for images as :meth:`forward` takes them."""
+        vit = self.vit
+        with _autocast_context(images.device, self.amp_dtype):
+            tokens = self.embed_tokens(images)
+            for blk in vit.blocks:
+                tokens = blk(tokens)
+            return vit.norm(tokens)[:, 0].float()
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Patch features.
@@ -213,22 +243,10 @@ class DinoFeatureExtractor(nn.Module):
             ``(B, h * w, C)`` float32 features of the patch tokens (CLS dropped), row-major over the
             ``h x w = H/p x W/p`` grid; C = embed dim (``3 * dim`` for ``kqv``).
         """
-        b, _, H, W = images.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        x = (x - self.mean) / self.std
+        b = images.shape[0]
         vit = self.vit
-        with _autocast_context(x.device, self.amp_dtype):
-            tokens = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, hw, C)
-            tokens = vit.patch_embed.norm(tokens)
-            cls = vit.cls_token.expand(b, -1, -1)
-            tokens = torch.cat([cls, tokens], dim=1)
-            tokens = tokens + interpolate_pos_embed(vit.pos_embed, H // p, W // p)
-            tokens = vit.norm_pre(tokens)
+        with _autocast_context(images.device, self.amp_dtype):
+            tokens = self.embed_tokens(images)
             for blk in vit.blocks[:-1]:
                 tokens = blk(tokens)
             last = vit.blocks[-1]
