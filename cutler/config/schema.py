@@ -376,6 +376,67 @@ class U2SegConfig:
 
 
 @dataclass
+class StegoConfig:
+    """STEGO stuff labels for U2Seg panoptic pseudo-labels: a head on frozen DINO patch features, trained with
+    the feature-correspondence loss, a k-means cluster probe, dense CRF. Defaults: STEGO's COCO-Stuff setting
+    (``docs/u2seg.md``)."""
+
+    vit_arch: str = "base"  # the published U2Seg stuff labels come from STEGO's ViT-B/8 COCO-Stuff model
+    patch_size: int = 8
+    pretrain_path: str = ""  # DINO ViT checkpoint; empty = random init (loud warning)
+    dtype: str = "auto"  # ViT autocast: "auto" (bf16 on GPU, float32 on CPU) | "bfloat16" | "float16" | "float32"
+    device: str = "auto"
+    dim: int = 90  # code channels (STEGO: 70 with ViT-S, 90 with ViT-B)
+    dropout: float = 0.1
+    num_clusters: int = 27  # stuff clusters S (the cluster probe's k)
+    # training data: every image gives five crops (4 corners + centre, crop_ratio of each side) or its centre
+    crop: str = "five"  # "five" | "center"
+    crop_ratio: float = 0.5
+    res: int = 224  # training crops are resized to res x res
+    num_neighbors: int = 7  # K: a view's partner is one of its K nearest views by global DINO feature
+    batch_size: int = 16
+    max_steps: int = 7000
+    lr: float = 5.0e-4  # Adam
+    # loss: one shift and weight per pair type (self / K nearest neighbours / random images)
+    self_shift: float = 0.34
+    knn_shift: float = 0.04
+    random_shift: float = 0.86
+    self_weight: float = 0.29
+    knn_weight: float = 0.80
+    random_weight: float = 0.72
+    feature_samples: int = 11
+    neg_samples: int = 5
+    pointwise: bool = True
+    zero_clamp: bool = True
+    # cluster probe: spherical k-means on the codes of sampled pixels
+    probe_images: int = 2000
+    probe_pixels_per_image: int = 100
+    probe_iters: int = 50
+    # inference
+    infer_size: int = 448  # images are resized to this square for the ViT and the CRF, labels resized back
+    alpha: float = 2.0  # cluster probabilities: softmax(alpha * cosine)
+    flip: bool = True  # average the code of the image and of its mirror
+    crf: str = "auto"  # "torch" | "pydensecrf" | "none" | "auto" (torch on GPU, pydensecrf on CPU)
+    infer_batch_size: int = 8
+    num_workers: int = 4
+    shard_index: int = -1  # -1 = from torchrun's RANK (or 0)
+    num_shards: int = -1  # -1 = from torchrun's WORLD_SIZE (or 1)
+    dataset_path: str = ""  # image folder or COCO JSON
+    image_root: str = ""  # with a COCO JSON: the folder its file names are relative to
+    out_dir: str = "output/stego"
+    checkpoint_period: int = 500
+    log_period: int = 20
+    seed: int = 0
+
+
+@dataclass
+class PanopticLabelConfig:
+    """Panoptic pseudo-labels (things from clustered instances, stuff from STEGO) and panoptic evaluation."""
+
+    max_stuff_thing_overlap: float = 1.0  # void a stuff cluster with more of its pixels under things (published 0.7)
+
+
+@dataclass
 class PipelineConfig:
     """The one-command pipeline (``tools/run_pipeline.py``): MaskCut -> round 0 -> self-training -> evaluation."""
 
@@ -415,6 +476,8 @@ class CutlerConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     u2seg: U2SegConfig = field(default_factory=U2SegConfig)
+    stego: StegoConfig = field(default_factory=StegoConfig)
+    panoptic: PanopticLabelConfig = field(default_factory=PanopticLabelConfig)
     output_dir: str = "output"
     seed: int = -1  # -1 = derive from time (logged); >= 0 = deterministic
     cudnn_benchmark: bool = False
