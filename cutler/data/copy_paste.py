@@ -144,6 +144,10 @@ def compose_paste(target: Dict, src_img: Tensor, src_masks: Tensor, src_classes:
     out = dict(target)
     out["image"] = image
     out["instances"] = {"boxes": masks_to_boxes(masks), "classes": classes, "masks": masks}
+    if "sem_seg" in target:  # pasted pixels are instances: the "thing" class (0) of a panoptic semantic target
+        sem = target["sem_seg"].clone()
+        sem[win[1:]][union] = 0
+        out["sem_seg"] = sem
     return out
 
 

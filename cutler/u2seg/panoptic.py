@@ -245,6 +245,110 @@ def load_panoptic_json(path: os.PathLike | str) -> Dict[str, Any]:
     return data
 
 
-__all__ = ["SEM_IGNORE", "VOID", "encode_png", "id_to_rgb", "load_panoptic_json", "merge_things_and_stuff",
+# --------------------------------------------------------------------------------- dataset labels
+def _rle_masks(annotations: Sequence[Mapping[str, Any]], height: int, width: int) -> np.ndarray:
+    from pycocotools import mask as mask_util
+
+    from cutler.data.coco import segmentation_to_rle
+
+    if not annotations:
+        return np.zeros((0, height, width), bool)
+    rles = [segmentation_to_rle(a["segmentation"], height, width) for a in annotations]
+    return np.moveaxis(mask_util.decode(rles), -1, 0).astype(bool)
+
+
+def make_panoptic_labels(instances_json: os.PathLike | str, stuff_dir: os.PathLike | str, out_dir: os.PathLike | str,
+                         num_things: int, num_stuff: int, max_stuff_thing_overlap: float = 1.0,
+                         shard_index: int = 0, num_shards: int = 1, progress: bool = True) -> Dict[str, Any]:
+    """Panoptic pseudo-labels of a dataset: clustered instances (things) merged with stuff label maps.
+
+    Args:
+        instances_json: COCO instances whose ``category_id`` is the thing cluster (1..C) and whose
+            annotations carry masks (polygons or RLE).
+        stuff_dir: folder of stuff label PNGs ``<image file stem>.png`` (values 0 = none, 1..S), e.g. STEGO's
+            ``labels/``; an image without one gets things only.
+        out_dir: receives ``panoptic/<stem>.png`` (COCO panoptic ids), ``semantic/<stem>.png`` (Panoptic FPN
+            targets), and, once every shard is done, ``panoptic.json`` (COCO panoptic) and ``instances.json``
+            (the input instances, each image with its ``sem_seg_file_name``: the universal model's training set).
+        num_things, num_stuff: C and S.
+        max_stuff_thing_overlap: see :func:`merge_things_and_stuff` (published: 0.7).
+        shard_index, num_shards: this process handles ``images[shard_index::num_shards]``.
+
+    Returns:
+        ``{"images", "done_before", "segments", "missing_stuff", "complete"}`` for this shard (``complete``:
+        the JSON files were written).
+
+    Resumable: an image whose record is in the shard's ``records-*.jsonl`` is skipped.
+    """
+    from collections import defaultdict
+
+    from tqdm import tqdm
+
+    from cutler.maskcut.writer import read_failures, shard_dir_name
+
+    out_dir, stuff_dir = Path(out_dir), Path(stuff_dir)
+    data = json.loads(Path(instances_json).read_text(encoding="utf-8"))
+    bad = sorted({a["category_id"] for a in data.get("annotations", []) if not 1 <= int(a["category_id"]) <= num_things})
+    if bad:
+        raise ValueError(f"{instances_json}: category ids {bad[:5]} lie outside the thing clusters 1..{num_things}")
+    anns = defaultdict(list)
+    for a in data.get("annotations", []):
+        anns[a["image_id"]].append(a)
+    categories = panoptic_categories(num_things, num_stuff)
+    images = sorted(data["images"], key=lambda im: im["id"])
+    mine = images[shard_index::num_shards]
+    records_path = out_dir / f"records-{shard_dir_name(shard_index, num_shards)}.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = {int(r["image_id"]) for r in read_failures(records_path)}  # jsonl reader tolerant of a torn last line
+    counts = {"images": len(mine), "done_before": len(done), "segments": 0, "missing_stuff": 0}
+    with open(records_path, "a", encoding="utf-8") as log:
+        for im in tqdm(mine, desc="panoptic labels", disable=not progress):
+            if int(im["id"]) in done:
+                continue
+            h, w = int(im["height"]), int(im["width"])
+            stem = os.path.splitext(im["file_name"])[0]
+            stuff_png = stuff_dir / f"{stem}.png"
+            if stuff_png.is_file():
+                stuff = read_label_png(stuff_png)
+                if stuff.shape != (h, w):
+                    raise ValueError(f"{stuff_png} is {stuff.shape[1]}x{stuff.shape[0]}, image {im['file_name']} "
+                                     f"is {w}x{h}")
+            else:
+                stuff = np.zeros((h, w), np.int64)
+                counts["missing_stuff"] += 1
+            things = [a for a in anns[im["id"]] if not a.get("iscrowd", 0)]
+            ids, segs = merge_things_and_stuff(_rle_masks(things, h, w), [int(a["category_id"]) for a in things],
+                                               stuff, num_things, max_stuff_thing_overlap)
+            write_panoptic_png(out_dir / "panoptic" / f"{stem}.png", ids)
+            atomic_write_bytes(out_dir / "semantic" / f"{stem}.png", encode_png(panoptic_to_semantic(ids, segs, categories)))
+            log.write(json.dumps({"image_id": im["id"], "file_name": f"{stem}.png", "segments_info": segs}) + "\n")
+            log.flush()
+            counts["segments"] += len(segs)
+    counts["complete"] = _finish_panoptic_labels(out_dir, data, images, categories)
+    return counts
+
+
+def _finish_panoptic_labels(out_dir: Path, data: Mapping[str, Any], images: Sequence[Mapping[str, Any]],
+                            categories: List[Dict[str, Any]]) -> bool:
+    """Write ``panoptic.json`` and ``instances.json`` once every image has a record (any shard); False before."""
+    from cutler.maskcut.writer import read_failures
+    from cutler.utils.io import atomic_write_json
+
+    records = {}
+    for path in sorted(out_dir.glob("records-*.jsonl")):
+        for r in read_failures(path):
+            records.setdefault(int(r["image_id"]), r)
+    if any(int(im["id"]) not in records for im in images):
+        return False
+    atomic_write_json(out_dir / "panoptic.json", {
+        "info": {"description": "U2Seg panoptic pseudo-labels (cutler)"}, "images": list(images),
+        "annotations": [records[int(im["id"])] for im in images], "categories": categories})
+    with_sem = [dict(im, sem_seg_file_name=f"semantic/{os.path.splitext(im['file_name'])[0]}.png") for im in images]
+    atomic_write_json(out_dir / "instances.json", {**{k: v for k, v in data.items() if k != "images"},
+                                                   "images": with_sem})
+    return True
+
+
+__all__ = ["SEM_IGNORE", "VOID", "encode_png", "id_to_rgb", "load_panoptic_json", "make_panoptic_labels", "merge_things_and_stuff",
            "panoptic_categories", "panoptic_to_semantic", "read_label_png", "read_panoptic_png", "rgb_to_id",
            "segments_from_ids", "write_panoptic_png"]

@@ -24,6 +24,7 @@ pseudo-class holding the unmatched clusters; that term is not added here.)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -221,5 +222,170 @@ def relabel_segments(ids: np.ndarray, segments: Iterable[Mapping[str, Any]], map
     return ids, out
 
 
-__all__ = ["PanopticQuality", "confusion_matrix", "hungarian_match", "hungarian_semantic_metrics", "pq_summary",
+# ------------------------------------------------------------------------------------- over a dataset
+PUBLISHED_PANOPTIC = {
+    # (benchmark, row) -> (PQ, SQ, RQ) as published (zero-shot rows: trained on ImageNet)
+    ("coco", "CutLER+STEGO"): (12.4, 64.9, 15.5), ("coco", "U2Seg (800 clusters, COCO+IN)"): (16.1, 71.1, 19.9),
+    ("coco", "U2Seg (800 clusters, IN, zero-shot)"): (11.9, 65.9, 14.8),
+    ("coco", "U2Seg (300 clusters, IN, zero-shot)"): (11.1, 60.1, 13.7),
+    ("cityscapes", "CutLER+STEGO"): (12.4, 36.1, 15.2), ("cityscapes", "U2Seg (800 clusters, COCO+IN)"): (17.6, 52.7, 21.7),
+    ("cityscapes", "U2Seg (800 clusters, IN, zero-shot)"): (15.7, 46.6, 19.8),
+    ("cityscapes", "U2Seg (300 clusters, IN, zero-shot)"): (15.3, 48.8, 19.5),
+}
+PUBLISHED_SEMANTIC = {("cocostuff27", "STEGO"): (56.9, 28.2), ("cocostuff27", "U2Seg"): (63.9, 30.2)}  # PixelAcc, mIoU
+
+
+def predict_panoptic(model: Any, images: Sequence[Mapping[str, Any]], image_root: Any, out_dir: Any,
+                     num_things: int, min_size: int = 800, max_size: int = 1333, max_dets: int = 100,
+                     progress: bool = True) -> Dict[str, Any]:
+    """Run a Panoptic FPN over ``images`` (COCO image entries) and write cluster-level predictions.
+
+    Writes ``out_dir/panoptic/<stem>.png`` with ``records.jsonl`` (segments: thing category = cluster id
+    ``class + 1``, stuff category = ``num_things + semantic class``, plus ``isthing``), and
+    ``instances.jsonl`` (the COCO detection results with masks, for the thing matching). Images already in
+    ``records.jsonl`` are skipped (resume).
+
+    Returns:
+        ``{"images", "done_before"}``.
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from cutler.evaluation.inference import instances_to_coco_results, prepare_input
+    from cutler.maskcut.writer import read_failures
+    from cutler.utils.image import read_image_rgb
+
+    from .panoptic import write_panoptic_png
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rec_path, inst_path = out_dir / "records.jsonl", out_dir / "instances.jsonl"
+    done = {r["image_id"] for r in read_failures(rec_path)}
+    model.eval()
+    with open(rec_path, "a", encoding="utf-8") as rec_log, open(inst_path, "a", encoding="utf-8") as inst_log:
+        for im in tqdm([im for im in images if im["id"] not in done], desc="panoptic inference", disable=not progress):
+            image = read_image_rgb(Path(image_root) / im["file_name"])
+            with torch.inference_mode():
+                out = model([prepare_input(image, min_size, max_size)])[0]
+            seg, info = out["panoptic_seg"]
+            segs = []
+            for s in info:
+                cat = int(s["category_id"]) + 1 if s["isthing"] else num_things + int(s["category_id"])
+                segs.append({"id": int(s["id"]), "category_id": cat, "isthing": bool(s["isthing"]),
+                             **({"score": float(s["score"])} if s["isthing"] else {})})
+            stem = os.path.splitext(im["file_name"])[0]
+            write_panoptic_png(out_dir / "panoptic" / f"{stem}.png", seg.cpu().numpy())
+            for r in instances_to_coco_results(out["instances"], im["id"], max_dets, True, None):
+                inst_log.write(json.dumps(r) + "\n")
+            inst_log.flush()
+            rec_log.write(json.dumps({"image_id": im["id"], "file_name": f"{stem}.png", "segments_info": segs}) + "\n")
+            rec_log.flush()
+    return {"images": len(images), "done_before": len(done)}
+
+
+def _gt_instances(gt: Mapping[str, Any], gt_dir: Any) -> Dict[str, Any]:
+    """COCO instances (RLE) of the ground truth's thing segments, for the many-to-one matching."""
+    from pathlib import Path
+
+    from cutler.evaluation.inference import encode_masks
+
+    from .panoptic import read_panoptic_png
+
+    isthing = {int(c["id"]): bool(c.get("isthing", 0)) for c in gt["categories"]}
+    anns = []
+    for a in gt["annotations"]:
+        things = [s for s in a["segments_info"] if isthing[int(s["category_id"])]]
+        if not things:
+            continue
+        ids = read_panoptic_png(Path(gt_dir) / a["file_name"])
+        for s, rle in zip(things, encode_masks(np.stack([ids == s["id"] for s in things]))):
+            x, y, w, h = s.get("bbox") or [0, 0, 0, 0]
+            anns.append({"id": len(anns) + 1, "image_id": a["image_id"], "category_id": int(s["category_id"]),
+                         "iscrowd": int(s.get("iscrowd", 0)), "segmentation": rle, "area": float((ids == s["id"]).sum()),
+                         "bbox": [x, y, w, h]})
+    cats = [c for c in gt["categories"] if c.get("isthing", 0)]
+    return {"images": gt["images"], "annotations": anns, "categories": cats}
+
+
+def evaluate_panoptic(pred_dir: Any, gt_json: Any, gt_dir: Any, num_things: int, conf: float = 0.4, iou: float = 0.6,
+                      match_iou_type: str = "segm") -> Dict[str, Any]:
+    """PQ / SQ / RQ of cluster-level predictions (:func:`predict_panoptic`) after matching clusters to categories.
+
+    Thing clusters map many-to-one by instance votes (:func:`cutler.u2seg.matching.match_clusters` with
+    ``conf``, ``iou``, ``match_iou_type``; published COCO, 800 clusters: 0.4 / 0.6), stuff clusters one-to-one by
+    pixel overlap with the ground-truth stuff categories (Hungarian). Unmatched clusters' segments become void.
+
+    Returns:
+        ``{"PQ", "SQ", "RQ", "PQ_th", ..., "RQ_st"}`` in percent, plus ``"per_category"``, ``"thing_mapping"``,
+        ``"stuff_mapping"`` and ``"images"``.
+    """
+    import json
+    from pathlib import Path
+
+    from cutler.maskcut.writer import read_failures
+
+    from .matching import match_clusters
+    from .panoptic import load_panoptic_json, read_panoptic_png
+
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    gt = load_panoptic_json(gt_json)
+    records = {r["image_id"]: r for r in read_failures(pred_dir / "records.jsonl")}
+    missing = [a["image_id"] for a in gt["annotations"] if a["image_id"] not in records]
+    if missing:
+        raise ValueError(f"{pred_dir}: no prediction for {len(missing)} ground-truth images (e.g. {missing[:3]}); "
+                         "run the inference to the end first")
+    results = [json.loads(line) for line in (pred_dir / "instances.jsonl").read_text().splitlines() if line.strip()]
+    things = match_clusters(_gt_instances(gt, gt_dir), results, conf, iou, match_iou_type) if results else None
+    thing_map = dict(things.mapping) if things else {}
+    isthing = {int(c["id"]): bool(c.get("isthing", 0)) for c in gt["categories"]}
+    stuff_cats = sorted(c for c, t in isthing.items() if not t)
+    stuff_index = {c: i for i, c in enumerate(stuff_cats)}
+    loaded = []
+    pred_stuff = set()
+    for a in gt["annotations"]:
+        r = records[a["image_id"]]
+        gt_ids, pred_ids = read_panoptic_png(gt_dir / a["file_name"]), read_panoptic_png(pred_dir / "panoptic" / r["file_name"])
+        loaded.append((a, r, gt_ids, pred_ids))
+        pred_stuff.update(int(s["category_id"]) for s in r["segments_info"] if not s["isthing"])
+    pred_stuff_list = sorted(pred_stuff)
+    confusion = np.zeros((len(pred_stuff_list), len(stuff_cats)), np.int64)
+    row_of = {c: i for i, c in enumerate(pred_stuff_list)}
+    for a, r, gt_ids, pred_ids in loaded:
+        g = np.full(gt_ids.shape, -1, np.int64)
+        for s in a["segments_info"]:
+            if not isthing[int(s["category_id"])] and not s.get("iscrowd", 0):
+                g[gt_ids == s["id"]] = stuff_index[int(s["category_id"])]
+        pr = np.full(pred_ids.shape, -1, np.int64)
+        for s in r["segments_info"]:
+            if not s["isthing"]:
+                pr[pred_ids == s["id"]] = row_of[int(s["category_id"])]
+        confusion += confusion_matrix(pr, g, len(pred_stuff_list), len(stuff_cats), ignore=None)
+    stuff_map = {pred_stuff_list[r]: stuff_cats[c] for r, c in hungarian_match(confusion).items()} if confusion.size else {}
+    pq = PanopticQuality(gt["categories"])
+    for a, r, gt_ids, pred_ids in loaded:
+        mapping = {**{c: thing_map.get(c) for c in range(1, num_things + 1)}, **stuff_map}
+        ids, segs = relabel_segments(pred_ids, r["segments_info"], mapping)
+        pq.update(gt_ids, a["segments_info"], ids, segs)
+    out: Dict[str, Any] = pq_summary(pq.compute())
+    out.update({"per_category": {str(k): v for k, v in pq.per_category().items()}, "images": len(loaded),
+                "thing_mapping": {str(k): v for k, v in thing_map.items()},
+                "stuff_mapping": {str(k): v for k, v in stuff_map.items()}})
+    return out
+
+
+def panoptic_report(ours: Mapping[str, float], benchmark: str, label: str = "ours") -> str:
+    """A Markdown table: the published rows of ``benchmark`` ("coco" or "cityscapes") and ours."""
+    lines = [f"| {benchmark} panoptic | PQ | SQ | RQ |", "|---|---:|---:|---:|"]
+    for (bench, row), (pq_, sq, rq) in PUBLISHED_PANOPTIC.items():
+        if bench == benchmark:
+            lines.append(f"| {row} (published) | {pq_:.1f} | {sq:.1f} | {rq:.1f} |")
+    lines.append(f"| {label} | {ours['PQ']:.1f} | {ours['SQ']:.1f} | {ours['RQ']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["PUBLISHED_PANOPTIC", "PUBLISHED_SEMANTIC", "PanopticQuality", "confusion_matrix", "evaluate_panoptic",
+           "hungarian_match", "hungarian_semantic_metrics", "panoptic_report", "pq_summary", "predict_panoptic",
            "relabel_segments"]
