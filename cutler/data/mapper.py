@@ -212,4 +212,4 @@ def _semantic_target(path: str, size: Tuple[int, int], out_size: Tuple[int, int]
         sem = sem[:, ::-1]
     elif flip == "vertical":
         sem = sem[::-1]
-    return torch.from_numpy(np.ascontiguousarray(sem))
+    return torch.from_numpy(np.array(sem))  # a copy: the resize may hand back a read-only array
