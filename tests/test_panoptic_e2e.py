@@ -92,3 +92,10 @@ def test_tiny_panoptic_run(panoptic_root, tmp_path):
                      progress=False)
     res = evaluate_panoptic(tmp_path / "pred", val / "panoptic.json", val / "panoptic", num_things=5, conf=0.0, iou=0.3)
     assert res["images"] == 2 and all(0.0 <= res[k] <= 100.0 for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"))
+    # the demo draws the panoptic output
+    from cutler.evaluation.demo import run_demo
+
+    written = run_demo(model, [str(val / "images" / gt["images"][0]["file_name"])], tmp_path / "demo", 128, 192,
+                       stuff_names={1: "sky"})
+    assert len(written) == 1 and read_panoptic_png(written[0]).shape[:2] == (gt["images"][0]["height"],
+                                                                            gt["images"][0]["width"])
