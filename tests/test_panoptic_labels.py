@@ -209,3 +209,56 @@ def test_relabel_segments_voids_unmatched_and_merges_stuff():
     out, info = relabel_segments(ids, segs, {10: 1, 20: 5, 21: 5})
     assert out.tolist() == [[1, 0, 3, 3]]
     assert [(s["id"], s["category_id"]) for s in info] == [(1, 1), (3, 5)]
+
+
+def test_coco_panoptic_converter_merges_stuff_supercategories(tmp_path):
+    from cutler.u2seg.converters import convert_coco_panoptic
+
+    cats = [{"id": 1, "name": "person", "supercategory": "person", "isthing": 1},
+            {"id": 2, "name": "bicycle", "supercategory": "vehicle", "isthing": 1},
+            {"id": 92, "name": "banner", "supercategory": "textile", "isthing": 0},
+            {"id": 141, "name": "pillow", "supercategory": "textile", "isthing": 0},
+            {"id": 187, "name": "sky-other-merged", "supercategory": "sky", "isthing": 0}]
+    ids = np.zeros((6, 8), np.int64)
+    ids[:2] = 11  # banner
+    ids[2:4, :4] = 12  # pillow: same supercategory as the banner -> merged with it
+    ids[2:4, 4:] = 13  # sky
+    ids[4:, :3] = 14  # person
+    ids[4:, 3:6] = 15  # crowd of bicycles
+    write_panoptic_png(tmp_path / "in" / "a.png", ids)
+    segs = [{"id": 11, "category_id": 92}, {"id": 12, "category_id": 141}, {"id": 13, "category_id": 187},
+            {"id": 14, "category_id": 1}, {"id": 15, "category_id": 2, "iscrowd": 1}]
+    (tmp_path / "in.json").write_text(json.dumps({"images": [{"id": 7, "file_name": "a.jpg", "height": 6, "width": 8}],
+                                                  "annotations": [{"image_id": 7, "file_name": "a.png", "segments_info": segs}],
+                                                  "categories": cats}))
+    counts = convert_coco_panoptic(tmp_path / "in.json", tmp_path / "in", tmp_path / "out.json", tmp_path / "out",
+                                   tmp_path / "sem")
+    assert counts == {"images": 1, "segments": 4, "things": 2, "stuff": 2}
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [(c["id"], c["name"]) for c in out["categories"] if not c["isthing"]] == [(201, "textile"), (202, "sky")]
+    info = {s["id"]: s for s in out["annotations"][0]["segments_info"]}
+    assert info[11]["category_id"] == 201 and info[11]["area"] == 24 and 12 not in info
+    assert info[15]["iscrowd"] == 1 and info[14]["category_id"] == 1
+    merged = read_panoptic_png(tmp_path / "out" / "a.png")
+    assert (merged[:4, :4] == 11).all() and (merged[2:4, 4:] == 13).all()
+    sem = cv2.imread(str(tmp_path / "sem" / "a.png"), cv2.IMREAD_UNCHANGED)
+    assert sem[0, 0] == 2 and sem[3, 5] == 3 and sem[5, 0] == 0 and sem[5, 4] == 255  # person 0, vehicle 1, stuff 2, 3
+
+
+def test_cityscapes_converter_uses_cityscapesscripts(tmp_path):
+    from cutler.u2seg.converters import convert_cityscapes_panoptic
+
+    city = tmp_path / "gtFine" / "val" / "aachen"
+    city.mkdir(parents=True)
+    inst = np.full((4, 6), 7, np.int32)  # road (label id 7, stuff)
+    inst[:2, :3] = 26001  # car instance 1 (label id 26)
+    inst[2:, 4:] = 23  # sky
+    cv2.imwrite(str(city / "aachen_000000_000019_gtFine_instanceIds.png"), inst.astype(np.uint16))
+    counts = convert_cityscapes_panoptic(tmp_path, tmp_path / "cs.json", tmp_path / "cs")
+    assert counts["images"] == 1 and (counts["things"], counts["stuff"]) == (8, 11)
+    data = json.loads((tmp_path / "cs.json").read_text())
+    assert data["images"][0]["id"] == 1 and data["images"][0]["file_name"] == "aachen/aachen_000000_000019_leftImg8bit.png"
+    seg = data["annotations"][0]
+    ids = read_panoptic_png(tmp_path / "cs" / seg["file_name"])
+    cats = {s["id"]: s["category_id"] for s in seg["segments_info"]}
+    assert cats[int(ids[0, 0])] == 26 and cats[int(ids[3, 0])] == 7 and cats[int(ids[3, 5])] == 23
