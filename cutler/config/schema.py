@@ -434,6 +434,14 @@ class PanopticLabelConfig:
     """Panoptic pseudo-labels (things from clustered instances, stuff from STEGO) and panoptic evaluation."""
 
     max_stuff_thing_overlap: float = 1.0  # void a stuff cluster with more of its pixels under things (published 0.7)
+    # evaluation set of the panoptic pipeline (empty with the embedded synthetic run: its own val split)
+    benchmark: str = "synthetic"  # "coco" | "cityscapes" | "synthetic": which published rows the report shows
+    gt_json: str = ""  # COCO panoptic JSON (datasets/README.md, "Panoptic benchmarks")
+    gt_dir: str = ""  # its PNG folder
+    image_root: str = ""  # the images its file names are relative to
+    semantic_gt_dir: str = ""  # optional <stem>.png semantic maps (255 = void) for PixelAcc / mIoU
+    match_conf: float = 0.4  # thing matching (published COCO, 800 clusters: conf 0.4, IoU 0.6)
+    match_iou: float = 0.6
 
 
 @dataclass
@@ -459,6 +467,7 @@ class PipelineConfig:
     overlay_score_thresh: float = 0.5
     num_gpus: int = 1  # training processes on this machine (CPU processes without CUDA)
     variant: str = "cutler"  # "cutler" | "u2seg" (adds embeddings + clustering, class-aware rounds, matched eval)
+    # | "u2seg_panoptic" (clustered things + STEGO stuff -> panoptic pseudo-labels -> universal model -> PQ)
 
 
 @dataclass

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    if cfg.pipeline.variant == "u2seg_panoptic":
+        return _run_panoptic(args, cfg)
     plan = PipelinePlan(cfg)
     stages = plan.stages()
     setup_logger(str(plan.run_dir))
@@ -48,6 +50,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             summary.append(f"round {r}: {counts[r]} pseudo-masks | {metrics}")
     if summary:
         print("\n".join(summary))
+    report = plan.run_dir / "report" / "report.md"
+    if report.is_file():
+        print(f"report: {report}\noverlays: {plan.run_dir / 'overlays'}")
+    return data
+
+
+def _run_panoptic(args, cfg) -> dict:
+    """The U2Seg panoptic loop (:mod:`cutler.u2seg.panoptic_pipeline`)."""
+    from cutler.u2seg.panoptic_pipeline import PanopticPipelinePlan, panoptic_summary
+
+    plan = PanopticPipelinePlan(cfg)
+    stages = plan.stages()
+    setup_logger(str(plan.run_dir))
+    print(f"pipeline run directory: {plan.run_dir}")
+    print("\n".join(describe_plan(stages, Manifest(plan.run_dir))))
+    if args.dry_run:
+        return {}
+    save_run_config(plan)
+    data = run_stages(stages, plan.run_dir, only=args.stage, force=args.force)
+    print("\n".join(panoptic_summary(data)))
     report = plan.run_dir / "report" / "report.md"
     if report.is_file():
         print(f"report: {report}\noverlays: {plan.run_dir / 'overlays'}")
