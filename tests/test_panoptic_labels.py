@@ -262,3 +262,21 @@ def test_cityscapes_converter_uses_cityscapesscripts(tmp_path):
     ids = read_panoptic_png(tmp_path / "cs" / seg["file_name"])
     cats = {s["id"]: s["category_id"] for s in seg["segments_info"]}
     assert cats[int(ids[0, 0])] == 26 and cats[int(ids[3, 0])] == 7 and cats[int(ids[3, 5])] == 23
+
+
+def test_copy_paste_marks_pasted_pixels_as_things_in_the_semantic_target():
+    from cutler.data.copy_paste import CopyPasteParams, paste_instances
+
+    h, w = 20, 24
+    src_mask = torch.zeros(1, h, w, dtype=torch.bool)
+    src_mask[0, 2:10, 3:12] = True
+    source = {"image": torch.full((3, h, w), 200, dtype=torch.uint8),
+              "instances": {"boxes": torch.tensor([[3.0, 2.0, 12.0, 10.0]]), "classes": torch.tensor([4]),
+                            "masks": src_mask}}
+    target = {"image": torch.zeros((3, h, w), dtype=torch.uint8), "sem_seg": torch.full((h, w), 2, dtype=torch.uint8),
+              "instances": {"boxes": torch.zeros(0, 4), "classes": torch.zeros(0, dtype=torch.int64),
+                            "masks": torch.zeros(0, h, w, dtype=torch.bool)}}
+    out = paste_instances(target, source, CopyPasteParams(1.0, 0.5, 0.5, False), torch.Generator().manual_seed(0))
+    pasted = out["instances"]["masks"].any(0)
+    assert pasted.any() and torch.equal(out["sem_seg"] == 0, pasted)
+    assert (target["sem_seg"] == 2).all()  # the input is not modified
