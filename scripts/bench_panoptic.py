@@ -34,6 +34,7 @@ def _time(fn, repeats: int) -> float:
 
 
 def bench_stego(args, device):
+    from cutler.config.schema import StegoConfig
     from cutler.maskcut.vit import DinoFeatureExtractor
     from cutler.u2seg.stego import (STEGO_CRF, PairWeights, StegoHead, cluster_log_probs, crf_refine,
                                     dino_patch_tokens, stego_pair_losses)
@@ -66,7 +67,7 @@ def bench_stego(args, device):
     views = torch.randint(0, 255, (b, 3, r, r), dtype=torch.uint8, device=device)
     partners = torch.randint(0, 255, (b, 3, r, r), dtype=torch.uint8, device=device)
     opt = torch.optim.Adam(head.parameters(), lr=5e-4)
-    weights = PairWeights()
+    weights = PairWeights.from_config(StegoConfig())
     head.train()
 
     def step(tokens_fn):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cutler.config.schema import StegoConfig
 from cutler.u2seg.stego import (STEGO_CRF, PairWeights, StegoHead, correspondence_loss, crf_refine,
                                 stego_pair_losses)
 
@@ -65,7 +66,7 @@ def test_head_learns_the_feature_correspondence_on_a_fixed_batch():
             conv.weight.mul_(0.01)
             conv.bias.fill_(1.0)
     opt = torch.optim.Adam(head.parameters(), lr=0.01)
-    weights = PairWeights(feature_samples=5, neg_samples=2)
+    weights = PairWeights.from_config(StegoConfig(feature_samples=5, neg_samples=2))
 
     def evaluate():
         with torch.no_grad():

@@ -31,16 +31,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     if cfg.pipeline.variant == "u2seg_panoptic":
-        return _run_panoptic(args, cfg)
+        from cutler.u2seg.panoptic_pipeline import PanopticPipelinePlan, panoptic_summary
+
+        plan = PanopticPipelinePlan(cfg)
+        return _run(args, plan, panoptic_summary)
     plan = PipelinePlan(cfg)
-    stages = plan.stages()
-    setup_logger(str(plan.run_dir))
-    print(f"pipeline run directory: {plan.run_dir}")
-    print("\n".join(describe_plan(stages, Manifest(plan.run_dir))))
-    if args.dry_run:
-        return {}
-    save_run_config(plan)
-    data = run_stages(stages, plan.run_dir, only=args.stage, force=args.force)
+    return _run(args, plan, lambda data: _round_summary(data, plan))
+
+
+def _round_summary(data: dict, plan: PipelinePlan) -> list:
     counts = pseudo_mask_counts(data, plan.rounds)
     summary = []
     for r in range(plan.rounds + 1):
@@ -48,19 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if rec.get("status") == "done":
             metrics = ", ".join(f"{k} {v:.1f}" for k, v in rec.get("metrics", {}).items())
             summary.append(f"round {r}: {counts[r]} pseudo-masks | {metrics}")
-    if summary:
-        print("\n".join(summary))
-    report = plan.run_dir / "report" / "report.md"
-    if report.is_file():
-        print(f"report: {report}\noverlays: {plan.run_dir / 'overlays'}")
-    return data
+    return summary
 
 
-def _run_panoptic(args, cfg) -> dict:
-    """The U2Seg panoptic loop (:mod:`cutler.u2seg.panoptic_pipeline`)."""
-    from cutler.u2seg.panoptic_pipeline import PanopticPipelinePlan, panoptic_summary
-
-    plan = PanopticPipelinePlan(cfg)
+def _run(args, plan, summarize) -> dict:
+    """Print the plan, run it (unless --dry-run), print ``summarize(manifest data)`` lines and the report path."""
     stages = plan.stages()
     setup_logger(str(plan.run_dir))
     print(f"pipeline run directory: {plan.run_dir}")
@@ -69,7 +60,9 @@ def _run_panoptic(args, cfg) -> dict:
         return {}
     save_run_config(plan)
     data = run_stages(stages, plan.run_dir, only=args.stage, force=args.force)
-    print("\n".join(panoptic_summary(data)))
+    summary = summarize(data)
+    if summary:
+        print("\n".join(summary))
     report = plan.run_dir / "report" / "report.md"
     if report.is_file():
         print(f"report: {report}\noverlays: {plan.run_dir / 'overlays'}")

@@ -115,18 +115,19 @@ def correspondence_loss(f1: Tensor, f2: Tensor, c1: Tensor, c2: Tensor, shift: f
 
 @dataclass(frozen=True)
 class PairWeights:
-    """Shift and weight of each pair type. Defaults: STEGO's COCO-Stuff configuration."""
+    """Shift and weight of each pair type, and the point sampling (values: the ``stego`` config section, whose
+    defaults are STEGO's COCO-Stuff configuration)."""
 
-    self_shift: float = 0.34
-    knn_shift: float = 0.04
-    random_shift: float = 0.86
-    self_weight: float = 0.29
-    knn_weight: float = 0.80
-    random_weight: float = 0.72
-    feature_samples: int = 11  # n: the loss sees n x n random points per image
-    neg_samples: int = 5  # random-image pairs per image and step
-    pointwise: bool = True
-    zero_clamp: bool = True
+    self_shift: float
+    knn_shift: float
+    random_shift: float
+    self_weight: float
+    knn_weight: float
+    random_weight: float
+    feature_samples: int  # n: the loss sees n x n random points per image
+    neg_samples: int  # random-image pairs per image and step
+    pointwise: bool
+    zero_clamp: bool
 
     @classmethod
     def from_config(cls, c) -> "PairWeights":
