@@ -28,6 +28,8 @@ def main(argv=None):
     parser.add_argument("--gt-json")
     parser.add_argument("--gt-dir")
     parser.add_argument("--image-root")
+    parser.add_argument("--semantic-dir", default=None,
+                        help="ground-truth <stem>.png class maps (255 = void): also PixelAcc / mIoU of the output")
     parser.add_argument("--conf", type=float, default=0.4, help="thing matching: detections scoring at least this vote")
     parser.add_argument("--iou", type=float, default=0.6, help="thing matching: a vote needs mask IoU above this")
     parser.add_argument("--output", required=True)
@@ -58,6 +60,13 @@ def main(argv=None):
     predict_panoptic(model, gt["images"], image_root, out / "predictions", num_things,
                      int(cfg.input.min_size_test), int(cfg.input.max_size_test), int(cfg.test.detections_per_image))
     res = evaluate_panoptic(out / "predictions", gt_json, gt_dir, num_things, args.conf, args.iou)
+    semantic_dir = args.semantic_dir or (str(val / "semantic") if args.benchmark == "synthetic" else None)
+    if semantic_dir:
+        from cutler.u2seg.panoptic_eval import semantic_from_predictions
+
+        num_labels = num_things + int(cfg.model.sem_seg_head.num_classes) - 1
+        res["semantic"] = semantic_from_predictions(out / "predictions", gt, semantic_dir, num_labels)
+        print(f"semantic: PixelAcc {res['semantic']['PixelAcc']:.1f}, mIoU {res['semantic']['mIoU']:.1f}")
     atomic_write_json(out / "metrics.json", res, indent=1)
     report = panoptic_report(res, args.benchmark if args.benchmark != "synthetic" else "synthetic", "cutler (this run)")
     atomic_write_text(out / "report.md", report)

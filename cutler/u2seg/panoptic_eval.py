@@ -376,10 +376,21 @@ def evaluate_panoptic(pred_dir: Any, gt_json: Any, gt_dir: Any, num_things: int,
     return out
 
 
+def semantic_label_metrics(pairs: Iterable[Tuple[np.ndarray, np.ndarray]], num_labels: int) -> Dict[str, Any]:
+    """PixelAcc / mIoU of ``(predicted label map, ground-truth class map)`` pairs after the one-to-one Hungarian
+    matching. Predicted labels lie in ``1..num_labels`` (0 = unlabeled, always an error); ground truth in
+    ``0..K-1`` with 255 = void (ignored)."""
+    pairs = list(pairs)
+    valid = [g[g != 255] for _, g in pairs]
+    num_gt = max((int(v.max()) + 1 for v in valid if v.size), default=0)
+    confusion = sum(confusion_matrix(p, g, num_labels + 1, num_gt) for p, g in pairs)
+    confusion[0] = 0  # unlabeled predicted pixels count as errors, never as a class
+    return hungarian_semantic_metrics(confusion)
+
+
 def semantic_from_predictions(pred_dir: Any, gt: Mapping[str, Any], semantic_dir: Any, num_labels: int) -> Dict[str, Any]:
-    """PixelAcc / mIoU of the panoptic predictions read as semantic maps (each pixel: its segment's cluster-level
-    category, 1..num_labels; void pixels unlabeled) against ``<stem>.png`` ground-truth class maps (255 = void),
-    after the one-to-one Hungarian matching."""
+    """:func:`semantic_label_metrics` of panoptic predictions (:func:`predict_panoptic`) read as semantic maps (each
+    pixel: its segment's cluster-level category, void = 0) against ``semantic_dir/<stem>.png``."""
     from pathlib import Path
 
     from cutler.maskcut.writer import read_failures
@@ -387,22 +398,17 @@ def semantic_from_predictions(pred_dir: Any, gt: Mapping[str, Any], semantic_dir
     from .panoptic import read_label_png, read_panoptic_png
 
     records = {r["image_id"]: r for r in read_failures(Path(pred_dir) / "records.jsonl")}
-    pairs = []
-    num_gt = 0
-    for im in gt["images"]:
-        r = records[im["id"]]
-        stem = os.path.splitext(im["file_name"])[0]
-        gt_sem = read_label_png(Path(semantic_dir) / f"{stem}.png")
-        ids = read_panoptic_png(Path(pred_dir) / "panoptic" / r["file_name"])
-        sem = np.zeros(ids.shape, np.int64)
-        for s in r["segments_info"]:
-            sem[ids == s["id"]] = int(s["category_id"])
-        pairs.append((sem, gt_sem))
-        valid = gt_sem[gt_sem != 255]
-        num_gt = max(num_gt, int(valid.max()) + 1 if valid.size else 0)
-    confusion = sum(confusion_matrix(p, g, num_labels + 1, num_gt) for p, g in pairs)
-    confusion[0] = 0  # unlabeled predicted pixels count as errors, never as a class
-    return hungarian_semantic_metrics(confusion)
+
+    def pairs():
+        for im in gt["images"]:
+            r = records[im["id"]]
+            ids = read_panoptic_png(Path(pred_dir) / "panoptic" / r["file_name"])
+            sem = np.zeros(ids.shape, np.int64)
+            for s in r["segments_info"]:
+                sem[ids == s["id"]] = int(s["category_id"])
+            yield sem, read_label_png(Path(semantic_dir) / f"{os.path.splitext(im['file_name'])[0]}.png")
+
+    return semantic_label_metrics(pairs(), num_labels)
 
 
 def panoptic_report(ours: Mapping[str, float], benchmark: str, label: str = "ours") -> str:
@@ -417,4 +423,4 @@ def panoptic_report(ours: Mapping[str, float], benchmark: str, label: str = "our
 
 __all__ = ["PUBLISHED_PANOPTIC", "PUBLISHED_SEMANTIC", "PanopticQuality", "confusion_matrix", "evaluate_panoptic",
            "hungarian_match", "hungarian_semantic_metrics", "panoptic_report", "pq_summary", "predict_panoptic",
-           "relabel_segments", "semantic_from_predictions"]
+           "relabel_segments", "semantic_from_predictions", "semantic_label_metrics"]
