@@ -39,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return {}
     save_run_config(plan)
     data = run_stages(stages, plan.run_dir, only=args.stage, force=args.force)
-    counts = pseudo_mask_counts(data, plan.rounds)
+    counts = pseudo_mask_counts(data, plan.rounds, plan.round0_stage)
     summary = []
     for r in range(plan.rounds + 1):
         rec = data["stages"].get(f"eval_r{r}", {})

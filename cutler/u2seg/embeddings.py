@@ -223,7 +223,9 @@ class InstanceEmbedder:
 
         self.device = torch.device(device)
         self.feature, self.batch_size = feature, max(1, int(batch_size))
-        self.vit = DinoFeatureExtractor(vit_arch, patch_size, "k", pretrain_path, dtype).to(self.device)
+        self.vit = DinoFeatureExtractor(vit_arch, patch_size, "k", pretrain_path, dtype,
+                                        "for the U2Seg instance embeddings (no u2seg.pretrain_path given): the clusters "
+                                        "are meaningless except for tests and demos").to(self.device)
 
     @property
     def dim(self) -> int:

@@ -112,8 +112,11 @@ class _Chunks:
         self.resident = self._to_device(data) if nbytes <= max_resident_bytes else None
 
     def _to_device(self, rows: Array) -> torch.Tensor:
-        t = rows if torch.is_tensor(rows) else torch.from_numpy(np.ascontiguousarray(rows))
-        return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if torch.is_tensor(rows):
+            return rows.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        # a copy in the compute dtype: memory-mapped rows are read-only, and torch wants writable arrays
+        host = torch.from_numpy(np.array(rows, dtype=np.float64 if self.dtype == torch.float64 else np.float32))
+        return host.to(self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[Tuple[int, torch.Tensor]]:
         for start in range(0, self.n, self.chunk_size):
