@@ -1,0 +1,8 @@
+"""U2Seg's semantic-aware instance segmentation: pseudo-classes for CutLER's masks.
+
+:mod:`.embeddings` (one DINO feature per instance, streamed and sharded), :mod:`.kmeans` (K-means with torch,
+faiss or scikit-learn; assignment to saved centroids), :mod:`.labels` (COCO files whose categories are clusters),
+:mod:`.copy_paste` (same-cluster copy-paste), :mod:`.matching` and :mod:`.evaluation` (many-to-one matching of
+cluster ids to categories, matched metrics, the published rows), :mod:`.pipeline` (the pipeline's U2Seg stages),
+:mod:`.cli` (the tools). Submodules import lazily. See ``docs/u2seg.md``.
+"""
