@@ -35,7 +35,7 @@ def embed_main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = config_from_args(args).u2seg
     setup_logger(args.out_dir)
     index, count = resolve_shard(int(cfg.shard_index), int(cfg.num_shards))
-    instances = load_instance_set(args.instances, args.images_json, float(cfg.min_score))
+    instances = load_instance_set(args.instances, args.images_json, float(cfg.min_score), cfg.feature == "keys")
     print(f"{len(instances.images)} images, {instances.num_instances} instances; shard {index}/{count}")
     summary = embed_instances(instances, args.image_root, args.out_dir, cfg, index, count)
     print(json.dumps(summary, indent=1))

@@ -45,11 +45,10 @@ def _value(v: Any) -> str:
 def label_stages(plan) -> List[Stage]:
     """The ``embed`` and ``cluster`` stages of ``plan`` (a :class:`cutler.pipeline.runner.PipelinePlan`)."""
     u = plan.cfg.u2seg
+    section = OmegaConf.to_container(u)
     emb, clu = embeddings_dir(plan), clusters_dir(plan)
-    embed_cfg = {k: OmegaConf.to_container(u)[k] for k in ("feature", "vit_arch", "patch_size", "pretrain_path",
-                                                             "crop_size", "image_size")}
-    cluster_cfg = {k: OmegaConf.to_container(u)[k] for k in ("num_clusters", "backend", "seed", "max_iter",
-                                                               "max_points_per_centroid")}
+    embed_cfg = {k: section[k] for k in ("feature", "vit_arch", "patch_size", "pretrain_path", "crop_size", "image_size")}
+    cluster_cfg = {k: section[k] for k in ("num_clusters", "backend", "seed", "max_iter", "max_points_per_centroid")}
     return [
         Stage("embed", lambda: run_embed(plan), inputs={"labels": str(plan.maskcut_labels())},
               outputs={"features": str(emb / "features.npy")}, config=embed_cfg,
@@ -66,7 +65,7 @@ def run_embed(plan) -> Dict[str, Any]:
     from .embeddings import embed_instances, load_instance_set
 
     seed_everything(max(int(plan.cfg.seed), 0))  # random-init ViT weights are the same on every rerun
-    instances = load_instance_set(plan.maskcut_labels())
+    instances = load_instance_set(plan.maskcut_labels(), with_masks=plan.cfg.u2seg.feature == "keys")
     summary = embed_instances(instances, plan.train_images, embeddings_dir(plan), plan.cfg.u2seg, 0, 1, progress=True)
     if not summary["complete"]:
         raise RuntimeError(f"embeddings in {embeddings_dir(plan)} are incomplete")
@@ -76,12 +75,11 @@ def run_embed(plan) -> Dict[str, Any]:
 def run_cluster(plan) -> Dict[str, Any]:
     from cutler.utils.device import resolve_device
 
+    from .embeddings import load_embeddings
     from .labels import cluster_embeddings, write_cluster_labels
 
     u = plan.cfg.u2seg
     result = cluster_embeddings(embeddings_dir(plan), clusters_dir(plan), u, device=str(resolve_device(u.device)))
-    from .embeddings import load_embeddings
-
     ann_ids, _, _ = load_embeddings(embeddings_dir(plan))
     stats = write_cluster_labels(plan.maskcut_labels(), ann_ids, result.labels, int(u.num_clusters), plan.labels(0))
     sizes = result.cluster_sizes()
