@@ -456,10 +456,10 @@ def consolidate(out_dir: os.PathLike | str) -> int:
             image_ids[sel] = z["image_ids"][rows]
     feats.flush()
     del feats
-    os.replace(tmp, out_dir / FEATURES_FILE)
     for name, arr in ((ANN_IDS_FILE, uniq.astype(np.int64)), (IMAGE_IDS_FILE, image_ids)):
         with atomic_open(out_dir / name, "wb") as f:
             np.save(f, arr)
+    os.replace(tmp, out_dir / FEATURES_FILE)  # last: its presence means the consolidation is complete
     logger.info("embeddings: %d instances x %d dims from %d chunks -> %s", len(uniq), dim, len(chunks),
                 out_dir / FEATURES_FILE)
     return int(len(uniq))

@@ -114,9 +114,10 @@ class _Chunks:
     def _to_device(self, rows: Array) -> torch.Tensor:
         if torch.is_tensor(rows):
             return rows.to(device=self.device, dtype=self.dtype, non_blocking=True)
-        # a copy in the compute dtype: memory-mapped rows are read-only, and torch wants writable arrays
-        host = torch.from_numpy(np.array(rows, dtype=np.float64 if self.dtype == torch.float64 else np.float32))
-        return host.to(self.device, non_blocking=True)
+        dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        if not (isinstance(rows, np.ndarray) and rows.dtype == dtype and rows.flags.writeable and rows.flags.c_contiguous):
+            rows = np.array(rows, dtype=dtype)  # memory-mapped rows are read-only, and torch wants writable arrays
+        return torch.from_numpy(rows).to(self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[Tuple[int, torch.Tensor]]:
         for start in range(0, self.n, self.chunk_size):
