@@ -123,6 +123,15 @@ def _register_builtins() -> None:
     r("objects365_val", "objects365/val", "objects365/annotations/zhiyuan_objv2_val_cls_agnostic.json", has_masks=False)
     r("openimages_val", "openimages/validation", "openimages/annotations/openimages_v6_val_cls_agnostic.json",
       has_masks=False)
+    # U2Seg: cluster-labelled training sets, and the class-aware benchmarks of its matched evaluation
+    # (COCO val2017 is coco_2017_val itself).
+    for c in (300, 800, 2911):
+        r(f"imagenet_train_u2seg_{c}", "imagenet/train", f"imagenet/annotations/imagenet_train_u2seg_{c}.json",
+          description=f"MaskCut pseudo-masks labelled with {c} instance clusters")
+    r("voc12_val_classes", "voc/VOC2012/JPEGImages", "voc/annotations/voc12_val_classes.json", has_masks=False,
+      description="VOC2012 val, 5,823 images, 20 classes (U2Seg's VOC column)")
+    r("uvo_val_classes", "uvo/all_UVO_frames", "uvo/annotations/UVO_frame_val_classes.json",
+      description="UVO val frames with their COCO categories ('other' removed; U2Seg's UVO column)")
 
 
 _register_builtins()

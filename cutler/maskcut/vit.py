@@ -171,10 +171,12 @@ class DinoFeatureExtractor(nn.Module):
         pretrain_path: local DINO checkpoint; empty -> random init with a loud warning.
         amp_dtype: autocast dtype: ``"auto"`` (on GPU bf16 if supported else fp16; float32 on CPU) |
             ``"bfloat16"`` | ``"float16"`` (on any device) | ``"float32"`` (no autocast).
+        random_init_warning: what the random-init warning says after "ViT-B/8 has RANDOM weights".
     """
 
     def __init__(self, arch: str = "base", patch_size: int = 8, feat: str = "k", pretrain_path: str = "",
-                 amp_dtype: str = "auto"):
+                 amp_dtype: str = "auto", random_init_warning: str = "for MaskCut (no pretrain_path given): the masks are "
+                 "meaningless except for tests and demos; pass --pretrain_path DINO.pth"):
         super().__init__()
         if feat not in FEATURE_KINDS:
             raise ValueError(f"unknown vit_feat '{feat}', expected one of {FEATURE_KINDS}")
@@ -187,8 +189,7 @@ class DinoFeatureExtractor(nn.Module):
             load_dino_checkpoint(self.vit, pretrain_path)
             logger.info("loaded DINO ViT-%s/%d weights from %s", arch[0].upper(), patch_size, pretrain_path)
         else:
-            msg = (f"MaskCut ViT-{arch[0].upper()}/{patch_size} has RANDOM weights (no pretrain_path given): "
-                   "the masks are meaningless except for tests and demos; pass --pretrain_path DINO.pth")
+            msg = f"ViT-{arch[0].upper()}/{patch_size} has RANDOM weights {random_init_warning}"
             warnings.warn(msg, stacklevel=2)
             logger.warning("!" * 20 + " " + msg + " " + "!" * 20)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

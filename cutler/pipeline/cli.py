@@ -40,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _round_summary(data: dict, plan: PipelinePlan) -> list:
-    counts = pseudo_mask_counts(data, plan.rounds)
+    counts = pseudo_mask_counts(data, plan.rounds, plan.round0_stage)
     summary = []
     for r in range(plan.rounds + 1):
         rec = data["stages"].get(f"eval_r{r}", {})

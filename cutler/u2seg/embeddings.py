@@ -65,13 +65,14 @@ class InstanceSet:
 
 
 def load_instance_set(path: os.PathLike | str, images_json: Optional[os.PathLike | str] = None,
-                      min_score: float = 0.0) -> InstanceSet:
+                      min_score: float = 0.0, with_masks: bool = True) -> InstanceSet:
     """The instances of a COCO instances file (MaskCut output, a label file) or of a results list.
 
     Args:
         path: a COCO dict file with ``images`` and ``annotations``, or a JSON list of detection results.
         images_json: for a results list, the COCO file whose ``images`` the results refer to.
         min_score: keep only instances with ``score >= min_score`` (those without a score are kept).
+        with_masks: keep the segmentations (the ``"keys"`` feature needs them; ``"cls"`` only the boxes).
 
     Annotations keep their ``id``; results (which have none) get their 1-based position in the list.
 
@@ -107,7 +108,7 @@ def load_instance_set(path: os.PathLike | str, images_json: Optional[os.PathLike
         if not isinstance(a.get("id"), int):
             raise ValueError(f"{path}: annotation ids must be integers, got {a.get('id')!r}")
         inst = {"id": a["id"], "bbox": [float(v) for v in a["bbox"]]}
-        if a.get("segmentation"):
+        if with_masks and a.get("segmentation"):
             inst["segmentation"] = a["segmentation"]
         instances[a["image_id"]].append(inst)
     return InstanceSet(list(images), dict(instances))
@@ -170,18 +171,20 @@ class InstanceInputs(torch.utils.data.Dataset):
 
     def __init__(self, instance_set: InstanceSet, image_root: os.PathLike | str, feature: str, crop_size: int,
                  image_size: int, patch_size: int):
+        from cutler.data.coco import SerializedList
+
         if feature not in FEATURES:
             raise ValueError(f"unknown u2seg.feature '{feature}', expected one of {FEATURES}")
-        self.images, self.instances = instance_set.images, instance_set.instances
+        # one pickled buffer: forked workers share its pages instead of copying millions of small dicts
+        self.items = SerializedList([(im, instance_set.instances.get(im["id"], [])) for im in instance_set.images])
         self.root = Path(image_root)
         self.feature, self.crop_size, self.image_size, self.patch_size = feature, crop_size, image_size, patch_size
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        im = self.images[i]
-        insts = self.instances.get(im["id"], [])
+        im, insts = self.items[i]
         item: Dict[str, Any] = {"image_id": im["id"], "file_name": im["file_name"],
                                 "ann_ids": np.asarray([a["id"] for a in insts], dtype=np.int64)}
         if not insts:
@@ -223,7 +226,9 @@ class InstanceEmbedder:
 
         self.device = torch.device(device)
         self.feature, self.batch_size = feature, max(1, int(batch_size))
-        self.vit = DinoFeatureExtractor(vit_arch, patch_size, "k", pretrain_path, dtype).to(self.device)
+        self.vit = DinoFeatureExtractor(vit_arch, patch_size, "k", pretrain_path, dtype,
+                                        "for the U2Seg instance embeddings (no u2seg.pretrain_path given): the clusters "
+                                        "are meaningless except for tests and demos").to(self.device)
 
     @property
     def dim(self) -> int:
@@ -451,10 +456,10 @@ def consolidate(out_dir: os.PathLike | str) -> int:
             image_ids[sel] = z["image_ids"][rows]
     feats.flush()
     del feats
-    os.replace(tmp, out_dir / FEATURES_FILE)
     for name, arr in ((ANN_IDS_FILE, uniq.astype(np.int64)), (IMAGE_IDS_FILE, image_ids)):
         with atomic_open(out_dir / name, "wb") as f:
             np.save(f, arr)
+    os.replace(tmp, out_dir / FEATURES_FILE)  # last: its presence means the consolidation is complete
     logger.info("embeddings: %d instances x %d dims from %d chunks -> %s", len(uniq), dim, len(chunks),
                 out_dir / FEATURES_FILE)
     return int(len(uniq))

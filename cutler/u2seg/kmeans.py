@@ -43,7 +43,7 @@ logger = get_logger(__name__)
 
 Array = Union[np.ndarray, torch.Tensor]
 BACKENDS = ("torch", "faiss", "sklearn")
-DEFAULT_CHUNK = 65536  # points per device transfer / distance block (chunk x K floats of distances)
+DEFAULT_CHUNK = 16384  # points per device transfer / distance block (chunk x K floats of distances)
 
 
 @dataclass
@@ -112,8 +112,12 @@ class _Chunks:
         self.resident = self._to_device(data) if nbytes <= max_resident_bytes else None
 
     def _to_device(self, rows: Array) -> torch.Tensor:
-        t = rows if torch.is_tensor(rows) else torch.from_numpy(np.ascontiguousarray(rows))
-        return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if torch.is_tensor(rows):
+            return rows.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        if not (isinstance(rows, np.ndarray) and rows.dtype == dtype and rows.flags.writeable and rows.flags.c_contiguous):
+            rows = np.array(rows, dtype=dtype)  # memory-mapped rows are read-only, and torch wants writable arrays
+        return torch.from_numpy(rows).to(self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[Tuple[int, torch.Tensor]]:
         for start in range(0, self.n, self.chunk_size):
@@ -132,12 +136,20 @@ def _inertia(chunks: _Chunks, centroids: torch.Tensor, labels: torch.Tensor) -> 
     total = torch.zeros((), dtype=torch.float64, device=centroids.device)
     for start, x in chunks:
         diff = x - centroids[labels[start:start + x.shape[0]]]
-        total += (diff.double() ** 2).sum()
+        total += (diff * diff).sum(dim=1, dtype=torch.float64).sum()
     return float(total)
 
 
+def default_resident_bytes(device: torch.device) -> int:
+    """How much data :func:`kmeans_torch` keeps on ``device``: half the free memory of a GPU, 2 GiB elsewhere."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 2 << 30
+
+
 def kmeans_torch(data: Array, init: np.ndarray, max_iter: int = 100, device: Union[str, torch.device] = "cpu",
-                 chunk_size: int = DEFAULT_CHUNK, max_resident_bytes: int = 2 << 30, progress: bool = False
+                 chunk_size: int = DEFAULT_CHUNK, max_resident_bytes: Optional[int] = None, progress: bool = False
                  ) -> KMeansResult:
     """Lloyd's K-means in torch, batched on ``device`` (see the module docstring).
 
@@ -148,7 +160,8 @@ def kmeans_torch(data: Array, init: np.ndarray, max_iter: int = 100, device: Uni
         max_iter: at most this many iterations.
         device: where distances and sums are computed.
         chunk_size: points per distance block (memory: ``chunk_size x K`` distances).
-        max_resident_bytes: data up to this size is kept on the device between iterations.
+        max_resident_bytes: data up to this size is kept on the device between iterations (default
+            :func:`default_resident_bytes`).
         progress: a tqdm bar over iterations.
 
     Returns:
@@ -158,6 +171,8 @@ def kmeans_torch(data: Array, init: np.ndarray, max_iter: int = 100, device: Uni
 
     t0 = time.perf_counter()
     device = torch.device(device)
+    if max_resident_bytes is None:
+        max_resident_bytes = default_resident_bytes(device)
     chunks = _Chunks(data, device, chunk_size, max_resident_bytes)
     centroids = torch.as_tensor(np.asarray(init), dtype=chunks.dtype).to(device).clone()
     k, d = centroids.shape
@@ -173,7 +188,8 @@ def kmeans_torch(data: Array, init: np.ndarray, max_iter: int = 100, device: Uni
         for start, x in chunks:
             lab = _nearest(x, centroids, c_sq)
             new_labels[start:start + x.shape[0]] = lab
-            sums.index_add_(0, lab, x.double())
+            # per-chunk sums in the data's precision, added up in float64 across chunks
+            sums += torch.zeros((k, d), dtype=x.dtype, device=device).index_add_(0, lab, x).double()
             counts += torch.bincount(lab, minlength=k).double()
         if torch.equal(new_labels, labels):
             converged = True  # the same labels give the same means: the centroids are already these
