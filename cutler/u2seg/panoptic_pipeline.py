@@ -5,7 +5,7 @@ Stages (recorded in ``run_dir/manifest.json`` like the CutLER pipeline, each run
     data             (embedded default only) the synthetic panoptic train / val sets (objects on sky / ground / water)
     maskcut          MaskCut pseudo-masks of the training images -> labels/maskcut.json
     embed            instance embeddings of the masks -> u2seg/embeddings/
-    cluster          K-means into u2seg.num_clusters -> labels/things.json (cluster ids as categories)
+    cluster          K-means into u2seg.num_clusters -> labels/round0.json (cluster ids as categories)
     stego_train      the STEGO head, neighbours and cluster probe -> stego/stego_final.pth
     stego_infer      stuff labels of every training image -> stego/labels/
     panoptic_labels  things first, then stuff, else void -> panoptic_labels/ (COCO panoptic + instances.json)
@@ -72,7 +72,11 @@ class PanopticPipelinePlan:
         return self.path("labels", "maskcut.json")
 
     def thing_labels(self) -> Path:
-        return self.path("labels", "things.json")
+        return self.labels(0)
+
+    def labels(self, r: int) -> Path:
+        """The instance labels of round ``r``: only round 0 here, the thing clusters."""
+        return self.path("labels", f"round{r}.json")
 
     def weights(self) -> Path:
         return self.path("train", "model_final.pth")
@@ -110,18 +114,15 @@ class PanopticPipelinePlan:
             st.append(Stage("data", self._run_data, outputs={"train": str(self.train_json), "gt": str(self.gt_json)},
                             description="generate the synthetic panoptic train and val sets",
                             config={"num_train": p.num_synthetic_train, "num_val": p.num_synthetic_val}))
-        emb = self.path("u2seg", "embeddings")
+        from .pipeline import label_stages
+
         stego_final = self.path("stego", "stego_final.pth")
+        st.append(Stage("maskcut", self._run_maskcut, inputs={"images": str(self.train_images)},
+                        outputs={"labels": str(self.maskcut_labels())},
+                        config=OmegaConf.to_container(self.maskcut_config().maskcut),
+                        description="MaskCut pseudo-masks on the training images"))
+        st += label_stages(self)  # embed, cluster: U2Seg's thing clusters, written to labels(0)
         st += [
-            Stage("maskcut", self._run_maskcut, inputs={"images": str(self.train_images)},
-                  outputs={"labels": str(self.maskcut_labels())},
-                  config=OmegaConf.to_container(self.maskcut_config().maskcut),
-                  description="MaskCut pseudo-masks on the training images"),
-            Stage("embed", self._run_embed, inputs={"labels": str(self.maskcut_labels())},
-                  outputs={"features": str(emb / "features.npy")}, description="instance embeddings of the masks"),
-            Stage("cluster", self._run_cluster, inputs={"features": str(emb / "features.npy")},
-                  outputs={"labels": str(self.thing_labels())},
-                  description=f"K-means into {self.num_things} thing clusters"),
             Stage("stego_train", self._run_stego_train, inputs={"images": str(self.train_images)},
                   outputs={"model": str(stego_final)},
                   description=f"STEGO head and a {self.num_stuff}-cluster probe on frozen DINO features"),
@@ -172,31 +173,6 @@ class PanopticPipelinePlan:
         if counts["annotations"] == 0:
             raise RuntimeError(f"MaskCut produced no pseudo-masks on {self.train_images}: nothing to cluster")
         return {"pseudo_masks": counts["annotations"], "failed": summary.get("failed", 0)}
-
-    def _run_embed(self) -> Dict[str, Any]:
-        from cutler.utils.seed import seed_everything
-
-        from .embeddings import embed_instances, load_instance_set
-
-        seed_everything(max(int(self.cfg.seed), 0))
-        summary = embed_instances(load_instance_set(self.maskcut_labels()), self.train_images,
-                                  self.path("u2seg", "embeddings"), self.cfg.u2seg, 0, 1, progress=True)
-        if not summary["complete"]:
-            raise RuntimeError(f"embeddings in {self.path('u2seg', 'embeddings')} are incomplete")
-        return {k: summary[k] for k in ("images", "instances", "failed")}
-
-    def _run_cluster(self) -> Dict[str, Any]:
-        from cutler.utils.device import resolve_device
-
-        from .embeddings import load_embeddings
-        from .labels import cluster_embeddings, write_cluster_labels
-
-        u = self.cfg.u2seg
-        emb = self.path("u2seg", "embeddings")
-        result = cluster_embeddings(emb, self.path("u2seg", "clusters"), u, device=str(resolve_device(u.device)))
-        ann_ids, _, _ = load_embeddings(emb)
-        stats = write_cluster_labels(self.maskcut_labels(), ann_ids, result.labels, self.num_things, self.thing_labels())
-        return {"instances": stats["instances"], "iterations": result.iterations}
 
     def _run_stego_train(self) -> Dict[str, Any]:
         from cutler.utils.seed import seed_everything
