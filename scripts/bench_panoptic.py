@@ -135,7 +135,7 @@ def bench_panoptic(args, device):
     res = {"panoptic_img_s": len(inputs) / t_pan, "instances_only_img_s": len(inputs) / t_det,
            "panoptic_cost_ratio": t_pan / t_det}
     g = torch.Generator().manual_seed(0)
-    n, hh, ww = 100, 800, 1216
+    n, hh, ww = 100, 800, 1200
     boxes = torch.randint(0, 600, (n, 2), generator=g)
     masks = torch.zeros(n, hh, ww, dtype=torch.bool)
     for i, (y, x) in enumerate(boxes.tolist()):
@@ -169,6 +169,7 @@ def main(argv=None):
     res = {"device": str(device), "threads": torch.get_num_threads()}
     if args.only in (None, "stego"):
         res.update(bench_stego(args, device))
+        print(json.dumps(res), flush=True)
     if args.only in (None, "panoptic"):
         res.update(bench_panoptic(args, device))
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}, indent=1))

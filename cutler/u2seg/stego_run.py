@@ -180,8 +180,10 @@ class _PairBatches(torch.utils.data.Dataset):
             partners.append(int(row[g.integers(len(row))]))
         a = [self.views[int(v)][1] for v in chosen]
         b = [self.views[p][1] for p in partners]
-        if any(isinstance(x, str) for x in a + b):  # a file that became unreadable since the features were taken
-            raise ImageReadError(self.views.records[0].path, "a training image became unreadable; rerun the knn step")
+        for v, x in zip(list(chosen) + partners, a + b):
+            if isinstance(x, str):  # a file that became unreadable since the neighbour features were taken
+                raise ImageReadError(self.views.records[int(v) // self.views.per].path,
+                                     f"{x}; it was readable when knn/ was computed (delete knn/ to recompute)")
         return step, np.stack(a), np.stack(b)
 
 
