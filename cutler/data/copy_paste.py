@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cutler.modeling.boxes import masks_to_boxes
+from cutler.structures.masks import masks_to_boxes
 
 OCCLUSION_THRESH = 0.5  # the published 'ioy' threshold
 

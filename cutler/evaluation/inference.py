@@ -25,9 +25,9 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_util
 
 from ..data.mapper import resize_uint8, shortest_edge_size
+from ..structures.rle import encode_masks
 from ..utils.image import ImageReadError, read_image_rgb
 from ..utils.io import atomic_open, atomic_write_json
 from ..utils.logging import get_logger, get_rank, get_world_size
@@ -56,16 +56,6 @@ def prepare_input(image: np.ndarray, min_size: int, max_size: int) -> Dict[str, 
 
 
 # ----------------------------------------------------------------------------------- result format
-def encode_masks(masks: np.ndarray) -> List[Dict[str, Any]]:
-    """``(N, H, W)`` bool masks -> N compressed RLEs with ``counts`` as str (JSON-ready)."""
-    if len(masks) == 0:
-        return []
-    rles = mask_util.encode(np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
-
-
 def instances_to_coco_results(instances: Mapping[str, Any], image_id: Any, max_dets: int = 100,
                               with_masks: bool = True, category_id: int = 1) -> List[Dict[str, Any]]:
     """A model's per-image output -> COCO detection results (class-agnostic).
