@@ -32,9 +32,10 @@ import sys
 
 import torch
 
+from cutler.checkpoint import load_weights
 from cutler.config import load_config
 from cutler.evaluation.inference import prepare_input
-from cutler.modeling import build_model, load_weights
+from cutler.modeling import build_model
 from cutler.structures.boxes import pairwise_iou
 from cutler.structures.masks import mask_iou
 from cutler.utils.image import read_image_rgb

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cutler.checkpoint import Checkpointer
 from cutler.config import load_config
-from cutler.engine import Checkpointer, NonFiniteLossError, launch, train
+from cutler.engine import NonFiniteLossError, launch, train
 from test_data_fixtures import register_tiny
 from test_trainer_fixtures import TinyDetector, child_main, tiny_overrides
 
