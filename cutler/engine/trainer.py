@@ -35,8 +35,8 @@ from cutler.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from cutler.config import save_config
 from cutler.data.build import build_train_loader
 from cutler.modeling.build import amp_dtype_from_cfg, build_model_with_weights
-from cutler.solver import (build_gradient_clipper, build_lr_scheduler, build_optimizer, maybe_convert_sync_batchnorm,
-                           update_bn_stats)
+from cutler.solver import (build_gradient_clipper, build_lr_scheduler, build_optimizer, load_lr_scheduler_state,
+                           maybe_convert_sync_batchnorm, update_bn_stats)
 from cutler.utils.device import resolve_device
 from cutler.utils.logging import get_logger, get_rank, get_world_size, setup_logger
 from cutler.utils.seed import seed_everything
@@ -207,7 +207,7 @@ class Trainer:
         ckpt = Checkpointer.load(path)
         unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        load_lr_scheduler_state(self.scheduler, ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_iter = int(ckpt["iteration"])
