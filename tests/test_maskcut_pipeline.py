@@ -306,8 +306,7 @@ def test_demo_writes_overlay_with_eigvec_panels(tmp_path, dataset):
 
 
 def test_real_torch_crf_close_to_pydensecrf(tmp_path, dataset, model):
-    """Integration with the real torch CRF when it is present (skipped otherwise)."""
-    pytest.importorskip("cutler.maskcut.torch_crf")
+    """Integration with the real torch CRF."""
     records, _ = list_dataset(str(dataset))
     good = [r for r in records if r.file_name in ("cls_a/wide.png", "cls_b/rgba.png")]
     out = {}

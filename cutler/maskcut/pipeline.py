@@ -32,25 +32,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def torch_crf_available() -> bool:
-    """True if :mod:`cutler.maskcut.torch_crf` imports and provides ``torch_crf_refine``."""
-    try:
-        from .torch_crf import torch_crf_refine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_crf_mode(mode: str, device: torch.device) -> str:
-    """``"pydensecrf"`` | ``"torch"`` | ``"none"``; ``"auto"`` = torch on CUDA when its module imports,
-    else pydensecrf."""
+    """``"pydensecrf"`` | ``"torch"`` | ``"none"``; ``"auto"`` = torch on CUDA, else pydensecrf."""
     mode = (mode or "auto").lower()
     if mode == "auto":
-        return "torch" if device.type == "cuda" and torch_crf_available() else "pydensecrf"
+        return "torch" if device.type == "cuda" else "pydensecrf"
     if mode not in ("pydensecrf", "torch", "none"):
         raise ValueError(f"unknown maskcut.crf '{mode}', expected pydensecrf | torch | none | auto")
-    if mode == "torch" and not torch_crf_available():
-        raise ImportError("maskcut.crf=torch needs cutler.maskcut.torch_crf.torch_crf_refine, which does not import")
     return mode
 
 
