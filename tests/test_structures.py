@@ -23,8 +23,8 @@ def test_pairwise_iou_matches_torchvision_and_degenerate_boxes_give_zero():
     a = torch.tensor(np.concatenate([rng.uniform(0, 50, (7, 2)), rng.uniform(0, 40, (7, 2))], 1))
     b = torch.tensor(np.concatenate([rng.uniform(0, 50, (5, 2)), rng.uniform(0, 40, (5, 2))], 1))
     assert torch.equal(xywh_to_xyxy(a)[:, 2:], a[:, :2] + a[:, 2:])
-    torch.testing.assert_close(pairwise_iou(xywh_to_xyxy(a), xywh_to_xyxy(b)), box_iou(xywh_to_xyxy(a), xywh_to_xyxy(b)),
-                               rtol=1e-10, atol=1e-12)
+    a, b = xywh_to_xyxy(a), xywh_to_xyxy(b)
+    torch.testing.assert_close(pairwise_iou(a, b), box_iou(a, b), rtol=1e-10, atol=1e-12)
     zero = torch.zeros((1, 4), dtype=torch.float64)
     assert pairwise_iou(zero, zero).item() == 0.0  # no NaN
 
