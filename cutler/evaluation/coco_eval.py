@@ -1,6 +1,6 @@
 """Class-agnostic COCO evaluation (boxes and masks) with pycocotools semantics.
 
-Zero-shot protocol (``shared/spec/selftrain_and_eval.md``): every ground-truth category is mapped to one
+Zero-shot protocol (as in the CutLER paper): every ground-truth category is mapped to one
 class ("object"), every prediction is set to that class, and COCO AP/AR are computed with at most
 ``max_dets`` detections per image.
 

@@ -1,6 +1,6 @@
 """Self-training label merge: confident predictions of round t become round t+1's pseudo-labels.
 
-Rule (``../shared/spec/selftrain_and_eval.md``), per image:
+Rule (CutLER's self-training), per image:
 - keep predictions with ``score >= score_thresh``;
 - drop previous pseudo-masks whose mask IoU with ANY kept prediction is ``> drop_iou_thresh``;
 - new labels = kept predictions + surviving previous masks (an image with no kept prediction
