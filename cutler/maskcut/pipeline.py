@@ -148,6 +148,7 @@ class ShardProgress:
         self.reasons: collections.Counter = collections.Counter()
 
     def done(self, rec: ImageRecord, width: int, height: int, annotations: List[dict]) -> None:
+        """Queue ``rec`` (original ``width`` x ``height`` pixels) and its annotations for the next chunk."""
         self.writer.add(rec.id, rec.file_name, width, height, annotations)
         self.bar.update(1)
 
@@ -224,6 +225,7 @@ class ShardRunner:
         self.queue.drain(0)
 
     def run_isolating_failures(self, items: List[dict]) -> None:
+        """:meth:`run_batch`; when it raises, each image again alone, recording only the ones that still fail."""
         try:
             self.run_batch(items)
         except Exception as e:  # noqa: BLE001 - isolate the image that breaks the batch
