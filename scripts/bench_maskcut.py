@@ -37,13 +37,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cutler.structures.masks import mask_iou  # noqa: E402
+from cutler.structures.rle import rle_iou  # noqa: E402
+
 
 def stage_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(B, N, h, w)`` bool pairs -> ``(N,)`` mean IoU per stage (both empty = 1)."""
-    a, b = a.flatten(2), b.flatten(2)
-    inter = (a & b).sum(-1).double()
-    union = (a | b).sum(-1).double()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).mean(0)
+    return mask_iou(a.flatten(2), b.flatten(2), empty=1.0).mean(0)
 
 
 def final_mask_agreement(ref_json: str, other_json: str) -> dict:
@@ -51,8 +51,6 @@ def final_mask_agreement(ref_json: str, other_json: str) -> dict:
 
     A mask present in one output only counts as IoU 0 (its CRF-IoU rejection went the other way).
     """
-    from pycocotools import mask as mask_util
-
     def load(path):
         with open(path) as f:
             return {(a["image_id"], a["stage"]): a["segmentation"] for a in json.load(f)["annotations"]}
@@ -61,7 +59,7 @@ def final_mask_agreement(ref_json: str, other_json: str) -> dict:
     ious = []
     for key in sorted(set(ref) | set(other)):
         if key in ref and key in other:
-            ious.append(float(mask_util.iou([other[key]], [ref[key]], [0])[0, 0]))
+            ious.append(float(rle_iou([other[key]], [ref[key]])[0, 0]))
         else:
             ious.append(0.0)
     return {"masks_ref": len(ref), "masks_other": len(other), "pairs": len(ious),
@@ -223,8 +221,7 @@ def main(argv=None) -> dict:
             for m in up:
                 t = time.perf_counter()
                 crf = ndimage.binary_fill_holes(pydensecrf_refine(fixed, m.astype(np.float32)) >= 0.5)
-                union = (crf | m).sum()
-                keep = union > 0 and (crf & m).sum() / union >= 0.5
+                keep = float(mask_iou(torch.from_numpy(crf).flatten(), torch.from_numpy(m).flatten())) >= 0.5
                 ph["crf"] += time.perf_counter() - t
                 t = time.perf_counter()
                 if keep and encode_mask(resize_mask(crf, width, height)) is not None:

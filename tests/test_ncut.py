@@ -8,6 +8,7 @@ from scipy import ndimage
 from scipy.linalg import eigh
 
 from cutler.maskcut import ncut
+from cutler.structures.masks import mask_iou
 
 
 def blob_features(b, h, w, c=32, k=4, noise=0.6, seed=0):
@@ -191,11 +192,7 @@ def test_stage_logic_matches_numpy_reference():
 # ------------------------------------------------------------------------------------ agreement
 def per_stage_iou(a, b):
     """Mean IoU of candidate masks per stage; two empty masks agree (IoU 1)."""
-    a, b = a.flatten(2), b.flatten(2)
-    inter = (a & b).sum(-1).double()
-    union = (a | b).sum(-1).double()
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    return iou.mean(0)
+    return mask_iou(a.flatten(2), b.flatten(2), empty=1.0).mean(0)
 
 
 def assert_agree(feats, grid, **kw):

@@ -75,11 +75,8 @@ def args_to_overrides(args: argparse.Namespace) -> List[str]:
 
 
 def _synthetic_dataset() -> str:
-    try:
-        from ..data.synthetic import ensure_synthetic_dataset
-    except ImportError as e:
-        raise SystemExit("no --dataset-path given and the embedded synthetic dataset (cutler.data.synthetic) "
-                         f"is not available ({e}); pass --dataset-path") from None
+    from ..data.synthetic import ensure_synthetic_dataset
+
     return str(ensure_synthetic_dataset()["val"].image_root)
 
 

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..structures.masks import mask_iou
+
 # stage status codes (MaskCutOutput.status)
 KEPT, EMPTY_SMALL, EMPTY_IOU, EMPTY_DEGENERATE = 0, 1, 2, 3
 STATUS_NAMES = {KEPT: "kept", EMPTY_SMALL: "too_small", EMPTY_IOU: "overlaps_previous",
@@ -437,14 +439,6 @@ def seed_component(fg: torch.Tensor, seed: torch.Tensor, grid_hw: Tuple[int, int
     b = fg.shape[0]
     labels = label_components(fg.view(b, *grid_hw)).view(b, -1)
     return labels == labels.gather(1, seed[:, None])
-
-
-def mask_iou(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
-    """IoU of boolean masks over the trailing dims, batched ``(..., *)``; 0 where the union is empty."""
-    dims = tuple(range(1 if m1.dim() > 1 else 0, m1.dim()))
-    inter = (m1 & m2).sum(dim=dims).double()
-    union = (m1 | m2).sum(dim=dims).double()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
 
 
 # ---------------------------------------------------------------------------------------- the stages

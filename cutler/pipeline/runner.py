@@ -187,13 +187,10 @@ class PipelinePlan:
         return _last_losses(metrics_file)
 
     def _load_model(self, r: int):
-        from cutler.modeling.build import build_model
-        from cutler.modeling.checkpoint import load_weights
+        from cutler.modeling.build import build_model_with_weights
 
         rcfg = self.round_config(r)
-        model = build_model(rcfg)
-        load_weights(model, str(self.weights(r)))
-        return model.eval(), rcfg
+        return build_model_with_weights(rcfg, self.weights(r), "shapes").eval(), rcfg
 
     def _run_eval(self, r: int) -> Dict[str, Any]:
         from cutler.evaluation.evaluator import evaluate_dataset
