@@ -373,7 +373,7 @@ def test_bench_maskcut_reports_torch_crf_row_and_final_mask_agreement(tmp_path):
     assert agree["pairs"] == 3 and agree["kept_by_one_only"] == 1
     assert agree["mean_iou"] == pytest.approx((1.0 + 0.5 + 0.0) / 3) and agree["worst_iou"] == 0.0
 
-    res = bench.main(["--num-images", "2", "--vit-arch", "small", "--patch-size", "16", "--fixed-size", "64",
+    res = bench.main(["--num-images", "2", "--vit-arch", "small", "--patch-size", "16", "--fixed-size", "128",
                       "--batch-size", "2", "--num-workers", "0", "--crf-workers", "-1", "--device", "cpu",
                       "--crf", "pydensecrf", "torch", "--skip-published", "--vit-dtype", "bfloat16",
                       "--dtype-agreement"])
