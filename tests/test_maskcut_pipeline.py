@@ -375,7 +375,7 @@ def test_bench_maskcut_reports_torch_crf_row_and_final_mask_agreement(tmp_path):
     res = bench.main(["--num-images", "2", "--vit-arch", "small", "--patch-size", "16", "--fixed-size", "128",
                       "--batch-size", "2", "--num-workers", "0", "--crf-workers", "-1", "--device", "cpu",
                       "--crf", "pydensecrf", "torch", "--skip-published", "--vit-dtype", "bfloat16",
-                      "--dtype-agreement"])
+                      "--dtype-agreement", "--compat-agreement"])
     rows = res["ours_end_to_end_by_crf"]
     assert set(rows) == {"pydensecrf", "torch"} and res["ours_end_to_end"] == rows["pydensecrf"]
     assert all(r["masks"] > 0 and r["crf_masks_per_crf_s"] > 0 for r in rows.values())
@@ -385,6 +385,15 @@ def test_bench_maskcut_reports_torch_crf_row_and_final_mask_agreement(tmp_path):
     dt = res["agreement_vit_dtype_vs_float32"]
     assert dt["vit_dtype"] == "bfloat16" and len(dt["mean_stage_iou"]) == 3
     assert 0 < dt["feature_max_rel_diff"] < 0.05 and 0 <= dt["affinity_entries_flipped"] < 0.05
+    compat = res["default_vs_published_compat"]
+    for key in ("identical_features", "each_mode_own_vit"):
+        d = compat[key]
+        assert (d["of_images"], d["of_stages"]) == (2, 6) and d["images"] <= d["stages"] == len(d["pairs"])
+    events = compat["solved_stages_with_event"]
+    assert 2 <= events["solved_stages"] <= 6 and set(events) == {"solved_stages", "sign", "mean_tie", "seed_tie",
+                                                                 "degenerate"}
+    assert sum(compat["first_difference_caused_by"].values()) == compat["identical_features"]["images"]
+    assert 0 < compat["vit_dino_vs_fused_max_abs_diff"] < 0.1  # the bf16 default forward vs DINO's float32 one
 
 
 def test_masks_are_upsampled_to_the_fixed_size_image(tmp_path, dataset, model):

@@ -17,7 +17,7 @@ from ..utils.device import resolve_device
 from ..utils.logging import get_logger
 from .crf import CRFParams
 from .dataset import ImageRecord, MaskCutImages, collate_items
-from .ncut import STATUS_NAMES, MaskCutOutput, maskcut_patches, upsample_stage_masks
+from .ncut import COMPAT_MODES, STATUS_NAMES, MaskCutOutput, maskcut_patches, upsample_stage_masks
 from .postprocess import postprocess_image
 from .vit import DinoFeatureExtractor
 from .writer import ShardWriter, shard_dir_name
@@ -60,8 +60,14 @@ class MaskCutModel:
         if (spec or "auto") == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
             spec = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"  # torchrun: one GPU per rank
         self.device = device or resolve_device(spec)
+        self.compat = getattr(cfg, "compat", "default")
+        if self.compat not in COMPAT_MODES:  # before any image: a per-batch error would record every image as failed
+            raise ValueError(f"unknown maskcut.compat '{self.compat}', expected one of {COMPAT_MODES}")
+        published = self.compat == "published"
+        # the published script runs DINO's own float32 ViT: explicit attention, no autocast
+        amp = "float32" if published and cfg.dtype == "auto" else cfg.dtype
         self.extractor = DinoFeatureExtractor(cfg.vit_arch, cfg.patch_size, cfg.vit_feat, cfg.pretrain_path,
-                                              cfg.dtype).to(self.device)
+                                              amp, match_dino=published).to(self.device)
         self.solver_kwargs = {"dtype": _solver_dtype(getattr(cfg, "solver_dtype", "float64")),
                               "tol": float(getattr(cfg, "solver_tol", 1e-9))}
         self.timings: Dict[str, float] = collections.defaultdict(float)
@@ -83,7 +89,8 @@ class MaskCutModel:
         t1 = time.perf_counter()
         out = maskcut_patches(feats, grid, self.cfg.n, self.cfg.tau, self.cfg.eps, solver or self.cfg.solver,
                               self.cfg.min_area_fraction, self.cfg.stage_iou_thresh,
-                              gap_tol=float(getattr(self.cfg, "gap_tol", 1e-7)), solver_kwargs=self.solver_kwargs)
+                              gap_tol=float(getattr(self.cfg, "gap_tol", 1e-7)), solver_kwargs=self.solver_kwargs,
+                              compat=self.compat)
         _sync(self.device)
         self.timings["vit"] += t1 - t0
         self.timings["ncut"] += time.perf_counter() - t1
@@ -297,7 +304,8 @@ def run_maskcut(cfg, records: Sequence[ImageRecord], out_dir: str, shard_index: 
         "images_in_shard": len(records), "skipped_already_done": skipped,
         "processed": writer.num_images, "failed": writer.num_failed, "failed_earlier_runs": writer.failed_before,
         "failures_by_reason": dict(shard.reasons), "annotations": writer.num_annotations,
-        "stage_status": dict(runner.stage_status), "crf": crf_mode, "solver": cfg.solver, "device": str(model.device),
+        "stage_status": dict(runner.stage_status), "crf": crf_mode, "solver": cfg.solver, "compat": model.compat,
+        "device": str(model.device),
         "wall_s": wall, "img_per_s": (writer.num_images + writer.num_failed) / wall if wall > 0 else 0.0,
         "phase_s": {k: model.timings.get(k, 0.0) for k in PHASES + ("decode_wait",)},
     }

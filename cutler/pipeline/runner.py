@@ -167,7 +167,7 @@ class PipelinePlan:
         source = str(self.train_json if self.train_json is not None else self.train_images)
         records, _ = list_dataset(source, str(self.train_images) if self.train_json is not None else None)
         summary = run_maskcut(mcfg.maskcut, records, mcfg.maskcut.out_dir, 0, 1, None, progress=True)
-        counts = merge_outputs(mcfg.maskcut.out_dir, self.labels(0))
+        counts = merge_outputs(mcfg.maskcut.out_dir, self.labels(0), output_format=mcfg.maskcut.output_format)
         if counts["annotations"] == 0:
             raise RuntimeError(f"MaskCut produced no pseudo-masks on {source}: nothing to train on "
                                f"(summary: {summary.get('failures_by_reason')})")
