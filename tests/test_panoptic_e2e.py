@@ -35,7 +35,7 @@ def test_evaluating_the_ground_truth_gives_full_marks(panoptic_root, tmp_path):
                     for s in a["segments_info"]]
             rec.write(json.dumps({"image_id": a["image_id"], "file_name": a["file_name"], "segments_info": segs}) + "\n")
             ids = read_panoptic_png(val / "panoptic" / a["file_name"])
-            from cutler.evaluation.inference import encode_masks
+            from cutler.structures.rle import encode_masks
 
             things = [s for s in a["segments_info"] if isthing[s["category_id"]]]
             for s, rle in zip(things, encode_masks(np.stack([ids == s["id"] for s in things]))):
@@ -50,7 +50,7 @@ def test_evaluating_the_ground_truth_gives_full_marks(panoptic_root, tmp_path):
 def test_tiny_panoptic_run(panoptic_root, tmp_path):
     from cutler.engine import train
     from cutler.maskcut.dataset import list_dataset
-    from cutler.modeling import build_model, load_weights
+    from cutler.modeling.build import build_model_with_weights
     from cutler.u2seg.panoptic import make_panoptic_labels
     from cutler.u2seg.panoptic_eval import predict_panoptic
     from cutler.u2seg.stego_run import infer_stego, train_stego
@@ -84,8 +84,7 @@ def test_tiny_panoptic_run(panoptic_root, tmp_path):
     train(cfg)
     logged = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss_sem_seg"]) for r in logged) and len(logged) == 6
-    model = build_model(cfg)
-    load_weights(model, str(tmp_path / "train" / "model_final.pth"))
+    model = build_model_with_weights(cfg, tmp_path / "train" / "model_final.pth", "exact")
     val = panoptic_root / "synthetic_panoptic" / "val"
     gt = load_panoptic_json(val / "panoptic.json")
     predict_panoptic(model, gt["images"], val / "images", tmp_path / "pred", num_things=5, min_size=128, max_size=192,

@@ -7,7 +7,7 @@ import torch
 from cutler.config import load_config
 from cutler.data.build import build_train_loader
 from cutler.data.copy_paste import CopyPasteParams
-from cutler.modeling.boxes import masks_to_boxes
+from cutler.structures.masks import masks_to_boxes
 from cutler.u2seg.copy_paste import SameClusterCopyPaste, build_copy_paste, transform_instance
 
 H = W = 40

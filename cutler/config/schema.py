@@ -284,7 +284,7 @@ class TestConfig:
 # ------------------------------------------------------------------------------------------- maskcut
 @dataclass
 class MaskCutConfig:
-    """MaskCut pseudo-mask generation (see ``docs/maskcut.md``)."""
+    """MaskCut pseudo-mask generation (docs/maskcut.md; differences from the published script: docs/deviations.md)."""
 
     vit_arch: str = "base"  # "small" | "base"
     vit_feat: str = "k"  # "k" | "q" | "v" | "kqv"
@@ -302,6 +302,10 @@ class MaskCutConfig:
     solver_dtype: str = "float64"  # fast solver precision: "float64" | "float32" (float32 changes later stages)
     solver_tol: float = 1e-9  # fast solver residual tolerance (||S|| = 1)
     gap_tol: float = 1e-7  # lambda3 - lambda2 below this: the cut is undefined, the stage mask is empty
+    # "default": deterministic sign/tie conventions | "published": the published script's scipy path and
+    # rounding, op for op (float32 ViT under dtype=auto; solver, solver_* and gap_tol unused)
+    compat: str = "default"
+    output_format: str = "default"  # merged JSON: "default" | "published" (adds per-annotation width/height, int area)
     batch_size: int = 8
     num_workers: int = 4  # image decoding workers
     crf_workers: int = 0  # CRF process pool size; 0 = number of CPU cores

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from cutler.structures.rle import rle_to_bbox, segmentation_to_rle
 from cutler.utils.logging import get_logger
 
 from .catalog import get_dataset
@@ -116,25 +117,7 @@ def load_coco_json(json_file: os.PathLike | str, image_root: os.PathLike | str, 
 
 
 def _bbox_from_segmentation(seg, height: int, width: int) -> List[float]:
-    from pycocotools import mask as mask_util
-
-    rle = segmentation_to_rle(seg, height, width)
-    return [float(v) for v in mask_util.toBbox(rle)]
-
-
-def segmentation_to_rle(seg, height: int, width: int) -> dict:
-    """A COCO segmentation (polygon list, compressed or uncompressed RLE) as one compressed RLE."""
-    from pycocotools import mask as mask_util
-
-    if isinstance(seg, list):
-        return mask_util.merge(mask_util.frPyObjects(seg, height, width))
-    if isinstance(seg, dict):
-        if isinstance(seg.get("counts"), list):
-            return mask_util.frPyObjects(seg, *seg["size"])
-        if isinstance(seg.get("counts"), str):
-            return {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
-        return seg
-    raise ValueError(f"unsupported segmentation type {type(seg).__name__}")
+    return rle_to_bbox(segmentation_to_rle(seg, height, width))
 
 
 def get_detection_dataset_dicts(names: Sequence[str] | str, root: Optional[os.PathLike | str] = None,

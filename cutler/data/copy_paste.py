@@ -1,4 +1,4 @@
-"""CutLER's batch-level copy-paste augmentation (the published CutLER rules).
+"""CutLER's batch-level copy-paste augmentation.
 
 Pure functions on the mapped dicts of one batch (see :mod:`cutler.data.mapper`); they run inside the
 data-loader workers (:class:`cutler.data.build.TrainBatchDataset`), so the GPU never waits for them.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cutler.modeling.boxes import masks_to_boxes
+from cutler.structures.masks import masks_to_boxes
 
 OCCLUSION_THRESH = 0.5  # the published 'ioy' threshold
 

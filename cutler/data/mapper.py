@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cutler.structures.rle import segmentation_to_rle
 from cutler.utils.image import ImageReadError, read_image_rgb
-
-from .coco import segmentation_to_rle
 
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -116,7 +115,7 @@ def _decode_masks(annotations: List[Dict], h: int, w: int, out_h: int, out_w: in
                 elif flip == "vertical":
                     xy[:, 1] = out_h - xy[:, 1]
                 polys.append(xy.ravel().tolist())
-            m = mask_util.decode(mask_util.merge(mask_util.frPyObjects(polys, out_h, out_w)))
+            m = mask_util.decode(segmentation_to_rle(polys, out_h, out_w))
         else:
             m = resize_uint8(mask_util.decode(segmentation_to_rle(seg, h, w)), out_h, out_w, "nearest")
             if flip == "horizontal":

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_utils
 
+from cutler.structures.rle import encode_masks, rle_area, rle_to_bbox
 from cutler.utils.io import atomic_write_bytes, atomic_write_json
 
 GENERATOR_VERSION = 1
@@ -190,12 +190,10 @@ def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] 
 
 def mask_to_annotation(mask: np.ndarray, ann_id: int, image_id: int) -> Dict:
     """COCO annotation dict (RLE with string counts, XYWH bbox and area from the mask)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
+    rle = encode_masks(mask[None])[0]
     return {
         "id": ann_id, "image_id": image_id, "category_id": CATEGORY["id"], "iscrowd": 0,
-        "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-        "segmentation": rle,
+        "area": rle_area(rle), "bbox": rle_to_bbox(rle), "segmentation": rle,
     }
 
 

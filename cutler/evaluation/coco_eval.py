@@ -28,9 +28,10 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from ..structures.rle import rle_area, rle_to_bbox, segmentation_to_rle
 
 AGNOSTIC_CATEGORY_ID = 1
 AGNOSTIC_CATEGORY = {"id": AGNOSTIC_CATEGORY_ID, "name": "object", "supercategory": "object"}
@@ -57,19 +58,9 @@ def load_json(source: JsonLike) -> Dict[str, Any]:
 def _ann_area(ann: Mapping[str, Any], height: Optional[int], width: Optional[int]) -> float:
     seg = ann.get("segmentation")
     if seg and height and width:
-        return float(mask_util.area(_segmentation_to_rle(seg, height, width)))
+        return rle_area(segmentation_to_rle(seg, height, width))
     x, y, w, h = ann["bbox"]
     return float(w) * float(h)
-
-
-def _segmentation_to_rle(seg: Any, height: int, width: int) -> Dict[str, Any]:
-    """Polygon list, uncompressed RLE or compressed RLE -> compressed RLE of an ``height x width`` image."""
-    if isinstance(seg, list):
-        rles = mask_util.frPyObjects(seg, height, width)
-        return mask_util.merge(rles)
-    if isinstance(seg.get("counts"), list):
-        return mask_util.frPyObjects(seg, height, width)
-    return seg
 
 
 def to_class_agnostic(gt: JsonLike) -> Dict[str, Any]:
@@ -104,7 +95,7 @@ def normalize_gt(gt: JsonLike, class_agnostic: bool) -> Dict[str, Any]:
             if not a.get("segmentation"):
                 raise EvaluationInputError(f"annotation {a.get('id')} has neither bbox nor segmentation")
             h, w = sizes.get(a["image_id"], (None, None))
-            a["bbox"] = [float(v) for v in mask_util.toBbox(_segmentation_to_rle(a["segmentation"], h, w))]
+            a["bbox"] = rle_to_bbox(segmentation_to_rle(a["segmentation"], h, w))
         if "area" not in a:
             a["area"] = _ann_area(a, *sizes.get(a["image_id"], (None, None)))
         if renumber:
@@ -175,10 +166,10 @@ def _results_coco(gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str,
             if seg is None:
                 raise EvaluationInputError(f"segm evaluation: detection {k} (image {r['image_id']}) has no segmentation")
             img = gt.imgs[r["image_id"]]
-            rle = _segmentation_to_rle(seg, img.get("height"), img.get("width"))
+            rle = segmentation_to_rle(seg, img.get("height"), img.get("width"))
             a["segmentation"] = rle
-            a["area"] = float(mask_util.area(rle))
-            a["bbox"] = [float(v) for v in mask_util.toBbox(rle)]
+            a["area"] = rle_area(rle)
+            a["bbox"] = rle_to_bbox(rle)
         anns.append(a)
     return build_coco({"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
                        "annotations": anns})

@@ -172,15 +172,21 @@ class DinoFeatureExtractor(nn.Module):
         amp_dtype: autocast dtype: ``"auto"`` (on GPU bf16 if supported else fp16; float32 on CPU) |
             ``"bfloat16"`` | ``"float16"`` (on any device) | ``"float32"`` (no autocast).
         random_init_warning: what the random-init warning says after "ViT-B/8 has RANDOM weights".
+        match_dino: run the forward the way DINO's own code does, so that float32 features equal it bit
+            for bit: a contiguous NCHW input to the patch convolution and the explicit
+            ``softmax(q k^T * scale) v`` attention (head dim 64: the scale 1/8 is exact applied before or
+            after the product). Otherwise (faster, less memory) ``scaled_dot_product_attention`` and the
+            input's own layout are used, which round differently (~1e-6).
     """
 
     def __init__(self, arch: str = "base", patch_size: int = 8, feat: str = "k", pretrain_path: str = "",
                  amp_dtype: str = "auto", random_init_warning: str = "for MaskCut (no pretrain_path given): the masks are "
-                 "meaningless except for tests and demos; pass --pretrain_path DINO.pth"):
+                 "meaningless except for tests and demos; pass --pretrain_path DINO.pth", match_dino: bool = False):
         super().__init__()
         if feat not in FEATURE_KINDS:
             raise ValueError(f"unknown vit_feat '{feat}', expected one of {FEATURE_KINDS}")
         self.vit = build_vit(arch, patch_size)
+        self.match_dino = match_dino
         self.patch_size = patch_size
         self.feat = feat
         self.amp_dtype = amp_dtype
@@ -198,6 +204,16 @@ class DinoFeatureExtractor(nn.Module):
         self.requires_grad_(False)
 
     @property
+    def match_dino(self) -> bool:
+        return self._match_dino
+
+    @match_dino.setter
+    def match_dino(self, value: bool) -> None:
+        self._match_dino = bool(value)
+        for blk in self.vit.blocks:
+            blk.attn.fused_attn = not self._match_dino
+
+    @property
     def feat_dim(self) -> int:
         dim = self.vit.embed_dim
         return 3 * dim if self.feat == "kqv" else dim
@@ -210,6 +226,8 @@ class DinoFeatureExtractor(nn.Module):
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
         x = images.float()
+        if self.match_dino:
+            x = x.contiguous()  # a channels-last input (decoded HWC arrays) picks another convolution kernel
         if images.dtype == torch.uint8:
             x = x / 255.0
         x = (x - self.mean) / self.std

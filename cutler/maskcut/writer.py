@@ -25,6 +25,15 @@ logger = get_logger(__name__)
 
 CATEGORIES = [{"id": 1, "name": "fg", "supercategory": "fg"}]
 
+# "published": annotations also carry the published script's fields that a downstream tool may read
+OUTPUT_FORMATS = ("default", "published")
+
+
+def published_annotation(ann: dict, width: int, height: int) -> dict:
+    """An annotation in the published script's format: integer ``area`` (a pixel count) and the mask's
+    ``width``/``height`` (the image's, in the correct order)."""
+    return dict(ann, area=int(round(ann["area"])), width=int(width), height=int(height))
+
 
 def shard_dir_name(shard_index: int, num_shards: int, job_index: Optional[int] = None) -> str:
     """``shard-00003-of-00008`` (prefixed ``job-0002-`` for the published folder-per-job split)."""
@@ -129,17 +138,21 @@ def _shard_dirs(out_dir: os.PathLike | str) -> List[str]:
     return sorted(d for d in glob.glob(os.path.join(str(out_dir), "shards", "*")) if os.path.isdir(d))
 
 
-def merge_outputs(out_dir: os.PathLike | str, output_json: os.PathLike | str, info: Optional[dict] = None) -> dict:
+def merge_outputs(out_dir: os.PathLike | str, output_json: os.PathLike | str, info: Optional[dict] = None,
+                  output_format: str = "default") -> dict:
     """Merge every shard's chunks under ``out_dir/shards`` into one COCO JSON, streaming.
 
     Images keep their (global, stable) ids; an image present twice (e.g. two overlapping runs)
     is kept once, from the first chunk in sorted order, with that chunk's annotations only.
     Annotations are renumbered 1..n. Failures of all shards are concatenated into
     ``out_dir/failures.jsonl``. Memory: one chunk plus a map of image ids.
+    ``output_format="published"`` writes annotations with :func:`published_annotation`.
 
     Returns:
         counts ``{"images", "annotations", "failures", "duplicates", "chunks"}``.
     """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown maskcut.output_format '{output_format}', expected one of {OUTPUT_FORMATS}")
     chunks = [c for d in _shard_dirs(out_dir) for c in chunk_files(d)]
     owner = {}  # image id -> chunk index that keeps it
     duplicates = 0
@@ -164,10 +177,13 @@ def merge_outputs(out_dir: os.PathLike | str, output_json: os.PathLike | str, in
         next_id = 1
         for ci, path in enumerate(chunks):
             with open(path, encoding="utf-8") as cf:
-                anns = json.load(cf)["annotations"]
-            for ann in anns:
+                chunk = json.load(cf)
+            sizes = {im["id"]: (im["width"], im["height"]) for im in chunk["images"]}
+            for ann in chunk["annotations"]:
                 if owner.get(ann["image_id"]) != ci:
                     continue
+                if output_format == "published":
+                    ann = published_annotation(ann, *sizes[ann["image_id"]])
                 ann["id"] = next_id
                 next_id += 1
                 f.write(("" if first else ", ") + json.dumps(ann))

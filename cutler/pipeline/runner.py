@@ -191,7 +191,7 @@ class PipelinePlan:
         source = str(self.train_json if self.train_json is not None else self.train_images)
         records, _ = list_dataset(source, str(self.train_images) if self.train_json is not None else None)
         summary = run_maskcut(mcfg.maskcut, records, mcfg.maskcut.out_dir, 0, 1, None, progress=True)
-        counts = merge_outputs(mcfg.maskcut.out_dir, self.maskcut_labels())
+        counts = merge_outputs(mcfg.maskcut.out_dir, self.maskcut_labels(), output_format=mcfg.maskcut.output_format)
         if counts["annotations"] == 0:
             raise RuntimeError(f"MaskCut produced no pseudo-masks on {source}: nothing to train on "
                                f"(summary: {summary.get('failures_by_reason')})")
@@ -211,13 +211,10 @@ class PipelinePlan:
         return _last_losses(metrics_file)
 
     def _load_model(self, r: int):
-        from cutler.modeling.build import build_model
-        from cutler.modeling.checkpoint import load_weights
+        from cutler.modeling.build import build_model_with_weights
 
         rcfg = self.round_config(r)
-        model = build_model(rcfg)
-        load_weights(model, str(self.weights(r)))
-        return model.eval(), rcfg
+        return build_model_with_weights(rcfg, self.weights(r), "shapes").eval(), rcfg
 
     def _run_eval(self, r: int) -> Dict[str, Any]:
         if self.u2seg:  # class-aware predictions: matched and class-agnostic metrics from one inference pass

@@ -1,6 +1,6 @@
 """Self-training label merge: confident predictions of round t become round t+1's pseudo-labels.
 
-Rule (CutLER's), per image:
+Rule (CutLER's self-training), per image:
 - keep predictions with ``score >= score_thresh``;
 - drop previous pseudo-masks whose mask IoU with ANY kept prediction is ``> drop_iou_thresh``;
 - new labels = kept predictions + surviving previous masks (an image with no kept prediction
@@ -24,22 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
-import numpy as np
-import pycocotools.mask as mask_utils
-
+from cutler.structures.rle import rle_area, rle_iou, rle_to_bbox, rle_to_json, segmentation_to_rle
 from cutler.utils.io import atomic_open
 
 FG_CATEGORY = {"id": 1, "name": "fg", "supercategory": "fg"}
-
-
-def to_rle(segmentation, height: int, width: int) -> Dict:
-    """Any COCO segmentation (polygons, uncompressed or compressed RLE) -> compressed RLE with bytes counts."""
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation.get("counts"), list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    counts = segmentation["counts"]
-    return {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
 def select_labels(prev_rles: Sequence[Dict], pred_rles: Sequence[Dict], pred_scores: Sequence[float],
@@ -59,9 +47,7 @@ def select_labels(prev_rles: Sequence[Dict], pred_rles: Sequence[Dict], pred_sco
     kept_pred = [i for i, s in enumerate(pred_scores) if s >= score_thresh]
     if not kept_pred or not prev_rles:
         return kept_pred, list(range(len(prev_rles)))
-    # iou(dt, gt, iscrowd): rows = previous masks, columns = kept predictions; plain IoU (no crowd).
-    ious = np.asarray(mask_utils.iou(list(prev_rles), [pred_rles[i] for i in kept_pred], [0] * len(kept_pred)))
-    ious = ious.reshape(len(prev_rles), len(kept_pred))
+    ious = rle_iou(prev_rles, [pred_rles[i] for i in kept_pred])  # rows: previous masks, columns: kept predictions
     kept_prev = [j for j in range(len(prev_rles)) if not (ious[j] > drop_iou_thresh).any()]
     return kept_pred, kept_prev
 
@@ -140,11 +126,8 @@ class MergeStats:
 
 def _annotation(rle: Dict, ann_id: int, image_id: int, score: float | None, category_id: int = FG_CATEGORY["id"]
                 ) -> Dict:
-    area = float(mask_utils.area(rle))
-    ann = {"id": ann_id, "image_id": image_id, "category_id": int(category_id), "iscrowd": 0, "area": area,
-           "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-           "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")
-                            if isinstance(rle["counts"], bytes) else rle["counts"]}}
+    ann = {"id": ann_id, "image_id": image_id, "category_id": int(category_id), "iscrowd": 0, "area": rle_area(rle),
+           "bbox": rle_to_bbox(rle), "segmentation": rle_to_json(rle)}
     if score is not None:
         ann["score"] = float(score)
     return ann
@@ -184,7 +167,7 @@ def merge_self_training_labels(prev_ann_file: os.PathLike | str, predictions: os
         if ann["image_id"] not in sizes:
             raise ValueError(f"{prev_ann_file}: annotation {ann.get('id')} refers to unknown image id {ann['image_id']}")
         h, w = sizes[ann["image_id"]]
-        prev_by_image[ann["image_id"]].append(to_rle(ann["segmentation"], h, w))
+        prev_by_image[ann["image_id"]].append(segmentation_to_rle(ann["segmentation"], h, w))
         prev_cats[ann["image_id"]].append(int(ann.get("category_id", FG_CATEGORY["id"])) if keep_categories
                                           else FG_CATEGORY["id"])
     del prev
@@ -201,7 +184,8 @@ def merge_self_training_labels(prev_ann_file: os.PathLike | str, predictions: os
                 raise ValueError(f"prediction of category {cat} on image {res['image_id']}, which is not a category "
                                  f"of {prev_ann_file}")
             h, w = sizes[res["image_id"]]
-            pred_by_image[res["image_id"]].append((to_rle(res["segmentation"], h, w), float(res["score"]), cat))
+            pred_by_image[res["image_id"]].append((segmentation_to_rle(res["segmentation"], h, w), float(res["score"]),
+                                                   cat))
 
     stats = MergeStats(images=len(images))
     next_id = 1
@@ -225,7 +209,7 @@ def merge_self_training_labels(prev_ann_file: os.PathLike | str, predictions: os
             stats.images_with_new_labels += bool(kept_pred)
             count = 0
             for rle, score, cat in new:
-                if mask_utils.area(rle) < 1:
+                if rle_area(rle) < 1:
                     continue
                 f.write(("" if first else ", ") + json.dumps(_annotation(rle, next_id, im["id"], score, cat)))
                 first = False

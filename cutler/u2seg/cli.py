@@ -105,7 +105,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     add_config_arguments(p, default_config="u2seg/imagenet_cascade_800")
     args = p.parse_args(argv)
     from cutler.evaluation.evaluator import build_eval_model, resolve_available
-    from cutler.evaluation.inference import init_distributed_from_env
+    from cutler.engine.launch import init_distributed_from_env
     from cutler.utils.logging import get_rank
 
     from .evaluation import benchmark_label, evaluate_results, match_params, run_u2seg_eval, u2seg_table

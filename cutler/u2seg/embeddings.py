@@ -142,7 +142,7 @@ def patch_weights(instances: Sequence[Mapping[str, Any]], height: int, width: in
     import cv2
     from pycocotools import mask as mask_util
 
-    from cutler.data.coco import segmentation_to_rle
+    from cutler.structures.rle import segmentation_to_rle
 
     out = np.zeros((len(instances), grid * grid), np.float32)
     for i, inst in enumerate(instances):

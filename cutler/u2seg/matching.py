@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Sequence, Union
 
 import numpy as np
-from pycocotools import mask as mask_util
+import torch
 
-from cutler.evaluation.coco_eval import (JsonLike, _segmentation_to_rle, check_result_image_ids, build_coco,
-                                         evaluate_coco_detailed, load_json, load_results, normalize_gt)
+from cutler.evaluation.coco_eval import (JsonLike, check_result_image_ids, build_coco, evaluate_coco_detailed,
+                                         load_json, load_results, normalize_gt)
+from cutler.structures.boxes import pairwise_iou, xywh_to_xyxy
+from cutler.structures.rle import rle_iou, segmentation_to_rle
 
 MATCH_IOU_TYPES = ("bbox", "segm")
 
@@ -68,7 +70,7 @@ class ClusterMapping:
 
 
 def _rles(items: Sequence[Mapping[str, Any]], height: int, width: int) -> List[Dict[str, Any]]:
-    return [_segmentation_to_rle(it["segmentation"], height, width) for it in items]
+    return [segmentation_to_rle(it["segmentation"], height, width) for it in items]
 
 
 def annotation_iou(dets: Sequence[Mapping[str, Any]], gts: Sequence[Mapping[str, Any]], iou_type: str,
@@ -80,16 +82,16 @@ def annotation_iou(dets: Sequence[Mapping[str, Any]], gts: Sequence[Mapping[str,
     if not dets or not gts:
         return np.zeros((len(dets), len(gts)))
     if iou_type == "bbox":
-        d, g = [list(map(float, x["bbox"])) for x in dets], [list(map(float, x["bbox"])) for x in gts]
-    elif iou_type == "segm":
+        d, g = (xywh_to_xyxy(torch.tensor([list(map(float, x["bbox"])) for x in items], dtype=torch.float64))
+                for items in (dets, gts))
+        return pairwise_iou(d, g).numpy()
+    if iou_type == "segm":
         missing = [x for x in list(dets) + list(gts) if not x.get("segmentation")]
         if missing:
             raise ValueError(f"mask IoU matching needs segmentations; image {missing[0].get('image_id')} has an "
                              "instance without one (match on boxes instead)")
-        d, g = _rles(dets, height, width), _rles(gts, height, width)
-    else:
-        raise ValueError(f"iou_type must be one of {MATCH_IOU_TYPES}, got {iou_type!r}")
-    return np.asarray(mask_util.iou(d, g, [0] * len(g)), dtype=np.float64).reshape(len(dets), len(gts))
+        return rle_iou(_rles(dets, height, width), _rles(gts, height, width))
+    raise ValueError(f"iou_type must be one of {MATCH_IOU_TYPES}, got {iou_type!r}")
 
 
 def match_clusters(gt: JsonLike, results: Union[JsonLike, Sequence[Mapping[str, Any]]], conf: float, iou: float,

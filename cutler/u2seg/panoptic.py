@@ -249,7 +249,7 @@ def load_panoptic_json(path: os.PathLike | str) -> Dict[str, Any]:
 def _rle_masks(annotations: Sequence[Mapping[str, Any]], height: int, width: int) -> np.ndarray:
     from pycocotools import mask as mask_util
 
-    from cutler.data.coco import segmentation_to_rle
+    from cutler.structures.rle import segmentation_to_rle
 
     if not annotations:
         return np.zeros((0, height, width), bool)

@@ -290,7 +290,7 @@ def _gt_instances(gt: Mapping[str, Any], gt_dir: Any) -> Dict[str, Any]:
     """COCO instances (RLE) of the ground truth's thing segments, for the many-to-one matching."""
     from pathlib import Path
 
-    from cutler.evaluation.inference import encode_masks
+    from cutler.structures.rle import encode_masks
 
     from .panoptic import read_panoptic_png
 

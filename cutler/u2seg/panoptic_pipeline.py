@@ -217,12 +217,10 @@ class PanopticPipelinePlan:
         return last
 
     def _model(self):
-        from cutler.modeling import build_model, load_weights
+        from cutler.modeling.build import build_model_with_weights
 
         dcfg = self.detector_config()
-        model = build_model(dcfg)
-        load_weights(model, str(self.weights()))
-        return model.eval(), dcfg
+        return build_model_with_weights(dcfg, self.weights(), "shapes").eval(), dcfg
 
     def _run_eval(self) -> Dict[str, Any]:
         from .panoptic import load_panoptic_json
