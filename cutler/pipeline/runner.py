@@ -44,6 +44,41 @@ def _q(value: str) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def training_records(train_json: Optional[Path], train_images: Path) -> list:
+    """The training images as MaskCut records: the images of the COCO file ``train_json`` (file names under
+    ``train_images``), or with ``train_json`` None every image of the folder ``train_images``."""
+    from cutler.maskcut.dataset import list_dataset
+
+    if train_json is not None:
+        return list_dataset(str(train_json), str(train_images))[0]
+    return list_dataset(str(train_images), None)[0]
+
+
+def run_maskcut_stage(plan: Any, purpose: str) -> Dict[str, Any]:
+    """The ``maskcut`` stage of a pipeline plan (this module's or the U2Seg panoptic one): MaskCut over the
+    plan's training images, merged into ``plan.maskcut_labels()``; returns the stage's metrics.
+
+    Raises:
+        RuntimeError: MaskCut produced no pseudo-mask at all (nothing to ``purpose``).
+    """
+    from cutler.maskcut.pipeline import run_maskcut
+    from cutler.maskcut.writer import merge_outputs
+    from cutler.utils.seed import seed_everything
+
+    mcfg = plan.maskcut_config()
+    seed_everything(max(int(plan.cfg.seed), 0))  # random-init ViT weights are the same on every rerun
+    source = str(plan.train_json if plan.train_json is not None else plan.train_images)
+    records = training_records(plan.train_json, plan.train_images)
+    summary = run_maskcut(mcfg.maskcut, records, mcfg.maskcut.out_dir, 0, 1, None, progress=True)
+    counts = merge_outputs(mcfg.maskcut.out_dir, plan.maskcut_labels(), output_format=mcfg.maskcut.output_format)
+    if counts["annotations"] == 0:
+        raise RuntimeError(f"MaskCut produced no pseudo-masks on {source}: nothing to {purpose} "
+                           f"(summary: {summary.get('failures_by_reason')})")
+    return {"images": summary.get("processed", 0) + summary.get("skipped_already_done", 0),
+            "failed": summary.get("failed", 0), "pseudo_masks": counts["annotations"],
+            "img_per_s": summary.get("img_per_s")}
+
+
 class PipelinePlan:
     """Paths and configs of one pipeline run, and its list of :class:`Stage`."""
 
@@ -181,23 +216,7 @@ class PipelinePlan:
         return {split: len(json.loads(paths.json_file.read_text())["images"]) for split, paths in splits.items()}
 
     def _run_maskcut(self) -> Dict[str, Any]:
-        from cutler.maskcut.dataset import list_dataset
-        from cutler.maskcut.pipeline import run_maskcut
-        from cutler.maskcut.writer import merge_outputs
-        from cutler.utils.seed import seed_everything
-
-        mcfg = self.maskcut_config()
-        seed_everything(max(int(self.cfg.seed), 0))  # random-init ViT weights are the same on every rerun
-        source = str(self.train_json if self.train_json is not None else self.train_images)
-        records, _ = list_dataset(source, str(self.train_images) if self.train_json is not None else None)
-        summary = run_maskcut(mcfg.maskcut, records, mcfg.maskcut.out_dir, 0, 1, None, progress=True)
-        counts = merge_outputs(mcfg.maskcut.out_dir, self.maskcut_labels(), output_format=mcfg.maskcut.output_format)
-        if counts["annotations"] == 0:
-            raise RuntimeError(f"MaskCut produced no pseudo-masks on {source}: nothing to train on "
-                               f"(summary: {summary.get('failures_by_reason')})")
-        return {"images": summary.get("processed", 0) + summary.get("skipped_already_done", 0),
-                "failed": summary.get("failed", 0), "pseudo_masks": counts["annotations"],
-                "img_per_s": summary.get("img_per_s")}
+        return run_maskcut_stage(self, "cluster" if self.u2seg else "train on")
 
     def _run_train(self, r: int) -> Dict[str, Any]:
         from cutler.engine import launch, train

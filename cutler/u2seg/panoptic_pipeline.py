@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from cutler.pipeline.runner import _q
+from cutler.pipeline.runner import _q, run_maskcut_stage, training_records
 from cutler.pipeline.stages import Stage
 from cutler.utils.io import atomic_write_json, atomic_write_text
 from cutler.utils.logging import get_logger
@@ -156,23 +156,10 @@ class PanopticPipelinePlan:
         return {k: len(json.loads(v.json_file.read_text())["images"]) for k, v in splits.items()}
 
     def _records(self):
-        from cutler.maskcut.dataset import list_dataset
-
-        source = str(self.train_json if self.train_json is not None else self.train_images)
-        return list_dataset(source, str(self.train_images) if self.train_json is not None else None)[0]
+        return training_records(self.train_json, self.train_images)
 
     def _run_maskcut(self) -> Dict[str, Any]:
-        from cutler.maskcut.pipeline import run_maskcut
-        from cutler.maskcut.writer import merge_outputs
-        from cutler.utils.seed import seed_everything
-
-        mcfg = self.maskcut_config()
-        seed_everything(max(int(self.cfg.seed), 0))  # random-init ViT weights are the same on every rerun
-        summary = run_maskcut(mcfg.maskcut, self._records(), mcfg.maskcut.out_dir, 0, 1, None, progress=True)
-        counts = merge_outputs(mcfg.maskcut.out_dir, self.maskcut_labels())
-        if counts["annotations"] == 0:
-            raise RuntimeError(f"MaskCut produced no pseudo-masks on {self.train_images}: nothing to cluster")
-        return {"pseudo_masks": counts["annotations"], "failed": summary.get("failed", 0)}
+        return run_maskcut_stage(self, "cluster")
 
     def _run_stego_train(self) -> Dict[str, Any]:
         from cutler.utils.seed import seed_everything
