@@ -311,9 +311,9 @@ class EmbeddingWriter:
 
     def add_failure(self, image_id: int, file_name: str, reason: str) -> None:
         """Record an unusable image at once (fsynced): a rerun skips it."""
-        self._failures.write(json.dumps({"id": int(image_id), "file_name": file_name, "reason": reason}) + "\n")
-        self._failures.flush()
-        os.fsync(self._failures.fileno())
+        from cutler.maskcut.writer import append_failure
+
+        append_failure(self._failures, image_id, file_name, reason)
         self.num_failed += 1
 
     def flush(self) -> None:
