@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cutler.checkpoint import torch_load_weights_only
 from cutler.maskcut.dataset import ImageRecord, MaskCutImages, collate_items
 from cutler.utils.image import ImageReadError, read_image_rgb
 from cutler.utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
@@ -43,7 +44,9 @@ FEATURE_CHUNK = 1024  # views per global-feature chunk file
 def _extractor(c, device: torch.device):
     from cutler.maskcut.vit import DinoFeatureExtractor
 
-    return DinoFeatureExtractor(c.vit_arch, c.patch_size, "k", c.pretrain_path, c.dtype).to(device)
+    return DinoFeatureExtractor(c.vit_arch, c.patch_size, "k", c.pretrain_path, c.dtype,
+                                "for STEGO (no stego.pretrain_path given): the stuff segments are meaningless "
+                                "except for tests and demos").to(device)
 
 
 def _device(c) -> torch.device:
@@ -200,7 +203,7 @@ def train_stego(c, records: Sequence[ImageRecord], progress: bool = True) -> Dic
     out = Path(c.out_dir)
     final = out / "stego_final.pth"
     if final.is_file():
-        return {"steps": int(torch.load(final, map_location="cpu", weights_only=True)["step"]), "resumed": True}
+        return {"steps": int(torch_load_weights_only(final)["step"]), "resumed": True}
     device = _device(c)
     extractor = _extractor(c, device)
     nns = compute_neighbours(c, records, progress, extractor)
@@ -210,7 +213,7 @@ def train_stego(c, records: Sequence[ImageRecord], progress: bool = True) -> Dic
     ckpt_path = out / "train" / "checkpoint.pth"
     start = 0
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = torch_load_weights_only(ckpt_path)
         head.load_state_dict(ckpt["head"])
         opt.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["step"])
@@ -276,7 +279,7 @@ class StegoSegmenter:
         path = Path(c.out_dir) / "stego_final.pth"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: train STEGO first (tools/stego.py train)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_weights_only(path)
         self.extractor = _extractor(c, self.device)
         if int(state["in_dim"]) != self.extractor.vit.embed_dim:
             raise ValueError(f"{path} was trained on {state['in_dim']}-d features, stego.vit_arch gives "
