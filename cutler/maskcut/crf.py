@@ -1,6 +1,6 @@
 """Dense-CRF refinement of MaskCut masks with pydensecrf (the reference, CPU).
 
-The model (``../shared/spec/maskcut.md``): 2 labels, unary = -log softmax([1 - m, m]) where ``m`` is the
+The model (the published MaskCut post-processing): 2 labels, unary = -log softmax([1 - m, m]) where ``m`` is the
 binary mask upsampled bilinearly to the image; Gaussian pairwise (sxy 3, compat 7); bilateral pairwise
 (sxy 50, srgb 5, compat 10); 10 mean-field iterations; result = argmax label map.
 The torch implementation for GPUs lives in :mod:`cutler.maskcut.torch_crf` and is checked against this.
