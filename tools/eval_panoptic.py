@@ -12,7 +12,6 @@ Examples:
 (see datasets/README.md for the converters). Matching thresholds default to the published COCO 800-cluster ones.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
