@@ -7,7 +7,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from cutler.evaluation.inference import instances_to_coco_results
+from cutler.evaluation.inference import ChunkWriter, instances_to_coco_results, plan_inference, predict_batch
 from cutler.pipeline.cli import main
 from cutler.selftrain.merge import merge_self_training_labels
 from cutler.u2seg.cli import cluster_main, eval_main
@@ -100,3 +100,21 @@ def test_class_aware_results_carry_class_plus_one():
     aware = instances_to_coco_results(inst, 7, with_masks=False, category_id=None)
     assert [(r["category_id"], r["score"]) for r in aware] == [(1, 0.9), (5, 0.2)]
     assert {r["category_id"] for r in instances_to_coco_results(inst, 7, with_masks=False)} == {1}
+
+
+def test_class_aware_inference_plan_and_batches(tmp_path):
+    """The option through the inference pieces: recorded in the folder's settings (a class-agnostic resume of
+    it is refused), carried by the plan, and applied to each batch's detections."""
+    images = [{"id": 1, "file_name": "1.png"}, {"id": 2, "file_name": "2.png"}]
+    agnostic = {"min_size": 32, "max_size": 64, "max_dets": 10, "with_masks": False, "num_images": 2}
+    plan = plan_inference(images, tmp_path, {**agnostic, "class_aware": True}, True, 0, 1)
+    assert plan.class_aware and not plan_inference(images, tmp_path / "b", agnostic, True, 0, 1).class_aware
+    inst = {"boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]]), "scores": torch.tensor([0.5]), "classes": torch.tensor([2])}
+    batch = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "height": 4, "width": 4, "image_id": 1,
+              "file_name": "1.png"}, {"image_id": 2, "file_name": "2.png", "error": "unreadable"}]
+    results, failures = predict_batch(lambda inputs: [{"instances": inst} for _ in inputs], batch, 10, False,
+                                      plan.class_aware)
+    assert [(r["image_id"], r["category_id"]) for r in results] == [(1, 3)] and [f["image_id"] for f in failures] == [2]
+    ChunkWriter(tmp_path, 0, 1).add([1, 2], results, failures)
+    with pytest.raises(ValueError, match="class_aware"):
+        plan_inference(images, tmp_path, agnostic, True, 0, 1)

@@ -222,11 +222,13 @@ def _check_settings(output_dir: Path, settings: Dict[str, Any], resume: bool) ->
     path = output_dir / META_FILE
     if resume and path.is_file() and finished_chunks(output_dir):
         old = _read_json(path)
-        bad = [k for k in settings if k != "with_masks" and old.get(k) != settings[k]]
+        # keys of either side: an option recorded only when set (class_aware) must match in both directions
+        keys = list(settings) + [k for k in old if k not in settings]
+        bad = [k for k in keys if k != "with_masks" and old.get(k) != settings.get(k)]
         if settings["with_masks"] and not old.get("with_masks"):
             bad.append("with_masks")
         if bad:
-            changes = ", ".join(f"{k}: {old.get(k)} -> {settings[k]}" for k in bad)
+            changes = ", ".join(f"{k}: {old.get(k)} -> {settings.get(k)}" for k in bad)
             raise ValueError(f"{output_dir} holds results made with other settings ({changes}); use another "
                              f"output folder, or resume=False (eval.resume=false) to start over")
         return bool(old.get("with_masks"))
