@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure BENCHMARKS.md still lacks, in one command for a machine with a CUDA GPU.
 #
-#   bash scripts/gpu_figures.sh [OUT_DIR] [PART ...]     PART: tests crf maskcut model train (default: all)
+#   bash scripts/gpu_figures.sh [OUT_DIR] [PART ...]     PART: tests crf maskcut model train kmeans (default: all)
 #
 # Each part writes OUT_DIR/<part>.json (and .log) and is bounded to a few minutes on an H100, so a session
 # with a short GPU lease can run the parts one call at a time. Random seeded weights and the embedded
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-gpu_figures}"
 shift || true
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests crf maskcut model train)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests crf maskcut model train kmeans)
 mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:-}:$PWD"
 export CUTLER_DATASETS="${CUTLER_DATASETS:-$OUT/datasets}"
@@ -53,7 +53,10 @@ for part in "${PARTS[@]}"; do
     train)    # data loader img/s with copy-paste, and training it/s
       run train "$PY" scripts/bench_train.py --workers 0 4 8 --batches 20 --ims-per-batch 8 --num-images 64 \
           --train-iters 20 --train-ims-per-batch 2 --config-file cutler/imagenet_cascade_r0.yaml --json "$OUT/train.json" ;;
-    *) echo "unknown part '$part' (tests crf maskcut model train)"; exit 2 ;;
+    kmeans)   # U2Seg K-means: torch on the GPU (resident, streamed) vs faiss and scikit-learn on the CPU
+      run kmeans "$PY" scripts/bench_kmeans.py --device cuda --num-points 500000 --dim 768 --clusters 800 --iters 10 \
+          --threads 16 --json "$OUT/kmeans.json" ;;
+    *) echo "unknown part '$part' (tests crf maskcut model train kmeans)"; exit 2 ;;
   esac
 done
 echo "figures in $OUT/: record them in BENCHMARKS.md with the device in $OUT/device.txt"

@@ -3,6 +3,7 @@
 A record is a dict::
 
     {"file_name": str (absolute path), "height": int, "width": int, "image_id": int,
+     "sem_seg_file_name": str (optional; absolute path of a uint8 label PNG: Panoptic FPN's semantic target),
      "annotations": [{"bbox": [x, y, w, h] (pixels, XYWH), "segmentation": polygons | RLE | None,
                       "category_id": int (contiguous, 0-based), "iscrowd": 0 | 1}, ...]}
 
@@ -76,6 +77,8 @@ def load_coco_json(json_file: os.PathLike | str, image_root: os.PathLike | str, 
         try:
             rec = {"file_name": str(image_root / img["file_name"]), "height": int(img["height"]),
                    "width": int(img["width"]), "image_id": img["id"], "annotations": []}
+            if img.get("sem_seg_file_name"):  # panoptic training: the image's semantic target, beside the JSON
+                rec["sem_seg_file_name"] = str(json_file.parent / img["sem_seg_file_name"])
         except (KeyError, TypeError, ValueError) as e:
             raise AnnotationFileError(f"annotation file {json_file}: image entry {img!r:.200} lacks {e}") from None
         records[img["id"]] = rec

@@ -48,8 +48,8 @@ def _resolve(cfg: Any, dataset_name: str, output_dir: Optional[os.PathLike | str
     return ds, load_json(ds.json_file), out
 
 
-def _infer(model: Any, cfg: Any, ds: ResolvedDataset, gt: Mapping[str, Any], out: Path, with_masks: bool
-           ) -> Optional[Path]:
+def _infer(model: Any, cfg: Any, ds: ResolvedDataset, gt: Mapping[str, Any], out: Path, with_masks: bool,
+           class_aware: bool = False) -> Optional[Path]:
     """:func:`run_inference` with the settings of ``cfg``."""
     return run_inference(
         model, gt["images"], ds.image_root, out,
@@ -60,6 +60,7 @@ def _infer(model: Any, cfg: Any, ds: ResolvedDataset, gt: Mapping[str, Any], out
         chunk_size=int(_cfg_get(cfg, "eval.chunk_size", 500)),
         max_dets=int(_cfg_get(cfg, "eval.max_dets", 100)),
         with_masks=with_masks,
+        class_aware=class_aware,
         resume=bool(_cfg_get(cfg, "eval.resume", True)),
     )
 

@@ -59,15 +59,17 @@ def prepare_input(image: np.ndarray, min_size: int, max_size: int) -> Dict[str, 
 
 # ----------------------------------------------------------------------------------- result format
 def instances_to_coco_results(instances: Mapping[str, Any], image_id: Any, max_dets: int = 100,
-                              with_masks: bool = True, category_id: int = 1) -> List[Dict[str, Any]]:
-    """A model's per-image output -> COCO detection results (class-agnostic).
+                              with_masks: bool = True, category_id: Optional[int] = 1) -> List[Dict[str, Any]]:
+    """A model's per-image output -> COCO detection results.
 
     Args:
-        instances: ``{"boxes": [N,4] XYXY pixels, "scores": [N], "masks": [N,H,W] bool (optional)}``
-            as tensors or arrays, in the original image's pixels.
+        instances: ``{"boxes": [N,4] XYXY pixels, "scores": [N], "masks": [N,H,W] bool (optional),
+            "classes": [N] (with ``category_id=None``)}`` as tensors or arrays, in the original image's pixels.
         image_id: the dataset's image id.
         max_dets: keep the ``max_dets`` highest scores.
         with_masks: also encode ``masks`` as RLE ``segmentation`` (when present).
+        category_id: the category of every detection (class-agnostic); None = each detection's class + 1
+            (class-aware models trained on categories 1..K, such as U2Seg's clusters).
 
     Returns:
         ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation"?}]``.
@@ -80,10 +82,11 @@ def instances_to_coco_results(instances: Mapping[str, Any], image_id: Any, max_d
     order = np.argsort(-scores, kind="stable")[:max_dets]
     masks = instances.get("masks") if with_masks else None
     rles = encode_masks(arr(masks)[order]) if masks is not None else None
+    cats = arr(instances["classes"]).reshape(-1).astype(np.int64) + 1 if category_id is None else None
     out = []
     for j, i in enumerate(order):
         x0, y0, x1, y1 = boxes[i]
-        r = {"image_id": image_id, "category_id": category_id,
+        r = {"image_id": image_id, "category_id": int(cats[i]) if cats is not None else category_id,
              "bbox": [round(float(x0), 3), round(float(y0), 3), round(float(x1 - x0), 3), round(float(y1 - y0), 3)],
              "score": round(float(scores[i]), 5)}
         if rles is not None:
@@ -219,11 +222,13 @@ def _check_settings(output_dir: Path, settings: Dict[str, Any], resume: bool) ->
     path = output_dir / META_FILE
     if resume and path.is_file() and finished_chunks(output_dir):
         old = _read_json(path)
-        bad = [k for k in settings if k != "with_masks" and old.get(k) != settings[k]]
+        # keys of either side: an option recorded only when set (class_aware) must match in both directions
+        keys = list(settings) + [k for k in old if k not in settings]
+        bad = [k for k in keys if k != "with_masks" and old.get(k) != settings.get(k)]
         if settings["with_masks"] and not old.get("with_masks"):
             bad.append("with_masks")
         if bad:
-            changes = ", ".join(f"{k}: {old.get(k)} -> {settings[k]}" for k in bad)
+            changes = ", ".join(f"{k}: {old.get(k)} -> {settings.get(k)}" for k in bad)
             raise ValueError(f"{output_dir} holds results made with other settings ({changes}); use another "
                              f"output folder, or resume=False (eval.resume=false) to start over")
         return bool(old.get("with_masks"))
@@ -242,6 +247,7 @@ class InferencePlan:
     todo: List[Mapping[str, Any]]  # this rank's images not in a committed chunk, in id order
     all_ids: set  # every image id of the dataset (the merge waits for all of them)
     with_masks: bool  # masks are encoded (as the folder's earlier chunks, see _check_settings)
+    class_aware: bool = False  # category_id = predicted class + 1 (settings["class_aware"]), else 1 for all
 
 
 def plan_inference(images: Sequence[Mapping[str, Any]], output_dir: os.PathLike | str, settings: Dict[str, Any],
@@ -273,7 +279,8 @@ def plan_inference(images: Sequence[Mapping[str, Any]], output_dir: os.PathLike 
     if len(todo) < len(shard):
         logger.info("resuming: %d of %d images of shard %d/%d already done", len(shard) - len(todo), len(shard),
                     rank, world_size)
-    return InferencePlan(output_dir, rank, world_size, todo, all_ids, with_masks)
+    return InferencePlan(output_dir, rank, world_size, todo, all_ids, with_masks,
+                         bool(settings.get("class_aware", False)))
 
 
 class ChunkWriter:
@@ -305,9 +312,10 @@ class ChunkWriter:
         self._ids, self._results, self._failures = [], [], []
 
 
-def predict_batch(model: Callable, batch: Sequence[Dict[str, Any]], max_dets: int, with_masks: bool
-                  ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """COCO results of the readable images of ``batch`` and failure records of the unreadable ones."""
+def predict_batch(model: Callable, batch: Sequence[Dict[str, Any]], max_dets: int, with_masks: bool,
+                  class_aware: bool = False) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """COCO results of the readable images of ``batch`` and failure records of the unreadable ones
+    (``category_id`` = predicted class + 1 when ``class_aware``, else 1)."""
     good = [b for b in batch if "error" not in b]
     failures = []
     for b in batch:
@@ -319,7 +327,8 @@ def predict_batch(model: Callable, batch: Sequence[Dict[str, Any]], max_dets: in
         with torch.inference_mode():
             outputs = model([{k: b[k] for k in ("image", "height", "width")} for b in good])
         for b, out in zip(good, outputs):
-            results.extend(instances_to_coco_results(out["instances"], b["image_id"], max_dets, with_masks))
+            results.extend(instances_to_coco_results(out["instances"], b["image_id"], max_dets, with_masks,
+                                                     None if class_aware else 1))
     return results, failures
 
 
@@ -348,7 +357,7 @@ def _run_shard(model: Callable, plan: InferencePlan, image_root: os.PathLike | s
         num_workers=num_workers, collate_fn=_collate)
     bar = tqdm(total=len(plan.todo), desc=f"inference {plan.output_dir.name}", disable=not progress or plan.rank != 0)
     for batch in loader:
-        results, failures = predict_batch(model, batch, max_dets, plan.with_masks)
+        results, failures = predict_batch(model, batch, max_dets, plan.with_masks, plan.class_aware)
         writer.add([b["image_id"] for b in batch], results, failures)
         bar.update(len(batch))
     writer.commit()
@@ -387,6 +396,7 @@ def run_inference(
     chunk_size: int = 500,
     max_dets: int = 100,
     with_masks: bool = True,
+    class_aware: bool = False,
     resume: bool = True,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
@@ -406,6 +416,7 @@ def run_inference(
         chunk_size: images per committed chunk (what a killed run can lose).
         max_dets: detections kept per image (highest scores).
         with_masks: encode predicted masks as RLE.
+        class_aware: each detection's ``category_id`` is its predicted class + 1 (else 1 for all).
         resume: skip images in committed chunks; ``False`` deletes previous chunks first.
         rank, world_size: this process's shard; default from torch.distributed or the environment.
         progress: tqdm bar on rank 0.
@@ -419,6 +430,8 @@ def run_inference(
         rank, world_size = get_rank(), get_world_size()
     settings = {"min_size": min_size, "max_size": max_size, "max_dets": max_dets, "with_masks": with_masks,
                 "num_images": len(images)}
+    if class_aware:  # recorded only when set, so folders written before the option resume as they were
+        settings["class_aware"] = True
     plan = plan_inference(images, output_dir, settings, resume, rank, world_size)
     t0 = time.perf_counter()
     with _eval_mode(model):

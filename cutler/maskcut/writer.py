@@ -16,7 +16,7 @@ import glob
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Set
+from typing import IO, Iterable, Iterator, List, Optional, Set
 
 from ..utils.io import atomic_open, atomic_write_json
 from ..utils.logging import get_logger
@@ -59,6 +59,14 @@ def read_failures(path: os.PathLike | str) -> Iterator[dict]:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 continue
+
+
+def append_failure(f: IO[str], image_id: int, file_name: str, reason: str) -> None:
+    """Append one record to an open failures.jsonl and fsync it at once, so a rerun skips the image even
+    after a crash (:func:`read_failures` reads them back)."""
+    f.write(json.dumps({"id": int(image_id), "file_name": file_name, "reason": reason}) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 class ShardWriter:
@@ -111,9 +119,7 @@ class ShardWriter:
 
     def add_failure(self, image_id: int, file_name: str, reason: str) -> None:
         """Record an image that could not be processed (written and fsynced at once)."""
-        self._failures.write(json.dumps({"id": int(image_id), "file_name": file_name, "reason": reason}) + "\n")
-        self._failures.flush()
-        os.fsync(self._failures.fileno())
+        append_failure(self._failures, image_id, file_name, reason)
         self.finished.add(file_name)
         self.num_failed += 1
 

@@ -35,7 +35,8 @@ def build_model(cfg, device: Optional[str] = None) -> nn.Module:
     """Build the detector on ``device`` (default ``cfg.model.device``), randomly initialised.
 
     ``cfg.model.meta_architecture``: "GeneralizedRCNN" (backbone + RPN + the ROI heads named by
-    ``cfg.model.roi_heads.name``) or "ProposalNetwork" (backbone + RPN). Weights are NOT loaded here:
+    ``cfg.model.roi_heads.name``), "PanopticFPN" (the same plus the semantic branch of
+    ``cfg.model.sem_seg_head``) or "ProposalNetwork" (backbone + RPN). Weights are NOT loaded here:
     :func:`build_model_with_weights` loads them. Autocast
     (``cfg.solver.amp``) applies on CUDA only; ``cfg.model.channels_last`` converts the model and its
     inputs to channels-last. Inputs are always RGB; ``cfg.input.format == "BGR"`` (weights trained on BGR
@@ -52,10 +53,15 @@ def build_model(cfg, device: Optional[str] = None) -> nn.Module:
 
         model: nn.Module = GeneralizedRCNN(backbone=backbone, proposal_generator=rpn,
                                            roi_heads=build_roi_heads(cfg, shapes), mask_on=bool(m.mask_on), **common)
+    elif m.meta_architecture == "PanopticFPN":
+        from .meta_arch.panoptic_fpn import build_panoptic_fpn
+
+        model = build_panoptic_fpn(cfg, common, backbone, rpn)
     elif m.meta_architecture == "ProposalNetwork":
         model = ProposalNetwork(backbone=backbone, proposal_generator=rpn, **common)
     else:
-        raise ValueError(f"model.meta_architecture={m.meta_architecture!r}; choose GeneralizedRCNN or ProposalNetwork")
+        raise ValueError(f"model.meta_architecture={m.meta_architecture!r}; choose GeneralizedRCNN, PanopticFPN or "
+                         "ProposalNetwork")
     model.to(resolve_device(device or m.device))
     if m.channels_last:
         model.to(memory_format=torch.channels_last)

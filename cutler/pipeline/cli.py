@@ -30,7 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    if cfg.pipeline.variant == "u2seg_panoptic":
+        from cutler.u2seg.panoptic_pipeline import PanopticPipelinePlan, panoptic_summary
+
+        plan = PanopticPipelinePlan(cfg)
+        return _run(args, plan, panoptic_summary)
     plan = PipelinePlan(cfg)
+    return _run(args, plan, lambda data: _round_summary(data, plan))
+
+
+def _round_summary(data: dict, plan: PipelinePlan) -> list:
+    counts = pseudo_mask_counts(data, plan.rounds, plan.round0_stage)
+    summary = []
+    for r in range(plan.rounds + 1):
+        rec = data["stages"].get(f"eval_r{r}", {})
+        if rec.get("status") == "done":
+            metrics = ", ".join(f"{k} {v:.1f}" for k, v in rec.get("metrics", {}).items())
+            summary.append(f"round {r}: {counts[r]} pseudo-masks | {metrics}")
+    return summary
+
+
+def _run(args, plan, summarize) -> dict:
+    """Print the plan, run it (unless --dry-run), print ``summarize(manifest data)`` lines and the report path."""
     stages = plan.stages()
     setup_logger(str(plan.run_dir))
     print(f"pipeline run directory: {plan.run_dir}")
@@ -39,13 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return {}
     save_run_config(plan)
     data = run_stages(stages, plan.run_dir, only=args.stage, force=args.force)
-    counts = pseudo_mask_counts(data, plan.rounds)
-    summary = []
-    for r in range(plan.rounds + 1):
-        rec = data["stages"].get(f"eval_r{r}", {})
-        if rec.get("status") == "done":
-            metrics = ", ".join(f"{k} {v:.1f}" for k, v in rec.get("metrics", {}).items())
-            summary.append(f"round {r}: {counts[r]} pseudo-masks | {metrics}")
+    summary = summarize(data)
     if summary:
         print("\n".join(summary))
     report = plan.run_dir / "report" / "report.md"
