@@ -18,4 +18,4 @@ def finish(dataset, output):
     path = write_coco_json(dataset, output)
     n_crowd = sum(a.get("iscrowd", 0) for a in dataset["annotations"])
     print(f"{path}: {len(dataset['images'])} images, {len(dataset['annotations'])} annotations "
-          f"({n_crowd} crowd/ignore), 1 category")
+          f"({n_crowd} crowd/ignore), {len(dataset['categories'])} categor{'y' if len(dataset['categories']) == 1 else 'ies'}")

@@ -151,8 +151,12 @@ def synthetic_cases(root, size: int, num_images: int, seed: int = 0):
 # ------------------------------------------------------------------------------------------------------------------
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two boolean masks (1.0 when both are empty)."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+    import torch
+
+    from cutler.structures.masks import mask_iou
+
+    return float(mask_iou(torch.from_numpy(np.ascontiguousarray(a, dtype=bool)).flatten(),
+                          torch.from_numpy(np.ascontiguousarray(b, dtype=bool)).flatten(), empty=1.0))
 
 
 def _ref_one(args):

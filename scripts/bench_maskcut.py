@@ -15,12 +15,18 @@ weights. Reported:
 * with ``--dtype-agreement``: the stage masks from the ViT run at the configured autocast dtype (``--vit-dtype``;
   bf16 on GPU by default) against the ViT in float32, same solver: what reduced precision costs in masks.
   On a CPU pass ``--vit-dtype bfloat16`` to emulate the GPU default.
+* with ``--compat-agreement``: the images and stages where the default mode (fast solver, our sign and tie
+  conventions) and ``maskcut.compat=published`` give different stage masks, once on identical features (the
+  NCut rules alone) and once with each mode's own ViT forward (published: DINO's float32 forward), and how
+  often each published rounding-decided choice (``ncut.convention_events``) arises along the published run.
 
 Example::
 
     python scripts/bench_maskcut.py --num-images 4                    # ViT-B/8 at 480 (the defaults)
     python scripts/bench_maskcut.py --num-images 8 --vit-arch small --patch-size 16 --fixed-size 224
     python scripts/bench_maskcut.py --crf pydensecrf torch --skip-published   # the torch CRF row
+    python scripts/bench_maskcut.py --dataset-path datasets/synthetic --num-images 32 --vit-arch small \
+        --patch-size 16 --skip-published --crf none --compat-agreement    # default vs published-compatible
 """
 from __future__ import annotations
 
@@ -37,13 +43,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cutler.structures.masks import mask_iou  # noqa: E402
+from cutler.structures.rle import rle_iou  # noqa: E402
+
 
 def stage_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(B, N, h, w)`` bool pairs -> ``(N,)`` mean IoU per stage (both empty = 1)."""
-    a, b = a.flatten(2), b.flatten(2)
-    inter = (a & b).sum(-1).double()
-    union = (a | b).sum(-1).double()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).mean(0)
+    return mask_iou(a.flatten(2), b.flatten(2), empty=1.0).mean(0)
 
 
 def final_mask_agreement(ref_json: str, other_json: str) -> dict:
@@ -51,8 +57,6 @@ def final_mask_agreement(ref_json: str, other_json: str) -> dict:
 
     A mask present in one output only counts as IoU 0 (its CRF-IoU rejection went the other way).
     """
-    from pycocotools import mask as mask_util
-
     def load(path):
         with open(path) as f:
             return {(a["image_id"], a["stage"]): a["segmentation"] for a in json.load(f)["annotations"]}
@@ -61,12 +65,70 @@ def final_mask_agreement(ref_json: str, other_json: str) -> dict:
     ious = []
     for key in sorted(set(ref) | set(other)):
         if key in ref and key in other:
-            ious.append(float(mask_util.iou([other[key]], [ref[key]], [0])[0, 0]))
+            ious.append(float(rle_iou([other[key]], [ref[key]])[0, 0]))
         else:
             ious.append(0.0)
     return {"masks_ref": len(ref), "masks_other": len(other), "pairs": len(ious),
             "kept_by_one_only": sum(1 for k in set(ref) ^ set(other)),
             "mean_iou": float(np.mean(ious)) if ious else None, "worst_iou": float(min(ious)) if ious else None}
+
+
+def compat_agreement(model, batched_features, fast_ncut, fast_masks: torch.Tensor, cfg, grid, batches,
+                     names) -> dict:
+    """Stage masks of the default mode vs ``compat="published"``: where they differ, and the published
+    rounding-decided choices (:func:`cutler.maskcut.ncut.convention_events`) met along the published run,
+    with the affinity entries the published dtypes decide otherwise than ours on the same painting."""
+    from cutler.maskcut.ncut import binary_graph, convention_events, cosine_similarity, maskcut_patches, published_affinity
+
+    amp = model.extractor.amp_dtype
+    model.extractor.match_dino, model.extractor.amp_dtype = True, "float32"  # the published forward
+    feats_dino = batched_features()
+    model.extractor.match_dino, model.extractor.amp_dtype = False, amp
+    feats_ours = batched_features()
+    t0 = time.perf_counter()
+    pub = [maskcut_patches(feats_dino[b], grid, cfg.n, cfg.tau, cfg.eps, compat="published") for b in batches]
+    t_pub = time.perf_counter() - t0
+    pub_masks = torch.cat([o.masks for o in pub]).cpu()
+    same_feats = torch.cat([f.masks for f in fast_ncut(feats_dino)]).cpu()
+
+    def differing(masks: torch.Tensor) -> dict:
+        diff = (masks != pub_masks).flatten(2).any(-1)  # (B, N)
+        return {"images": int(diff.any(1).sum()), "stages": int(diff.sum()), "of_images": int(diff.shape[0]),
+                "of_stages": int(diff.numel()),
+                "pairs": [[names[i], int(t) + 1] for i, t in diff.nonzero().tolist()], "diff": diff}
+
+    rules = differing(same_feats)
+    # events along the published run: every solved stage (the first, and those after a kept mask)
+    events = {"solved_stages": 0}
+    affinity_flips = 0
+    sims = cosine_similarity(feats_dino)
+    first_diff_causes: dict = {}
+    first = torch.where(rules["diff"].any(1), rules["diff"].float().argmax(1), torch.full((pub_masks.shape[0],), -1))
+    for t in range(cfg.n):
+        ev = [convention_events(o.eigvecs[:, t], grid, o.eigvals[:, t], cfg.gap_tol) for o in pub]
+        ev = {k: torch.cat([e[k] for e in ev]) for k in ev[0]}
+        solved = torch.ones(pub_masks.shape[0], dtype=torch.bool) if t == 0 else pub_masks[:, t - 1].flatten(1).any(1)
+        events["solved_stages"] += int(solved.sum())
+        for k, v in ev.items():
+            events[k] = events.get(k, 0) + int((v & solved).sum())
+        painting = pub_masks[:, :t].flatten(2).any(1)
+        for i in solved.nonzero()[:, 0].tolist():
+            ours = binary_graph(sims[i:i + 1], cfg.tau, cfg.eps, ~painting[i:i + 1].to(sims.device)).dense()[0]
+            theirs = published_affinity(feats_dino[i], None if t == 0 else ~painting[i].to(sims.device), cfg.tau, cfg.eps)
+            affinity_flips += int((ours.cpu().numpy() != theirs).sum())
+        for i in (first == t).nonzero()[:, 0].tolist():
+            cause = "+".join(k for k, v in ev.items() if v[i]) or "none (affinity or solver rounding)"
+            first_diff_causes[cause] = first_diff_causes.get(cause, 0) + 1
+    rules.pop("diff")
+    with_vit = differing(fast_masks)
+    with_vit.pop("diff")
+    flipped = (cosine_similarity(feats_dino) > cfg.tau) != (cosine_similarity(feats_ours) > cfg.tau)
+    return {"published_ncut_s": t_pub, "identical_features": rules,
+            "solved_stages_with_event": events, "first_difference_caused_by": first_diff_causes,
+            "affinity_entries_published_dtypes_decide_otherwise": affinity_flips,
+            "each_mode_own_vit": with_vit,
+            "vit_dino_vs_fused_max_abs_diff": float((feats_dino - feats_ours).abs().max()),
+            "vit_dino_vs_fused_affinity_entries_flipped": int(flipped.sum())}
 
 
 def main(argv=None) -> dict:
@@ -101,6 +163,8 @@ def main(argv=None) -> dict:
                    help="ViT autocast dtype (auto: bf16 on GPU, float32 on CPU)")
     p.add_argument("--dtype-agreement", action="store_true",
                    help="also compare the stage masks of the --vit-dtype ViT with those of a float32 ViT")
+    p.add_argument("--compat-agreement", action="store_true",
+                   help="also list the images/stages where the default and the published-compatible modes differ")
     p.add_argument("--skip-published", action="store_true", help="only our pipeline (no dense per-image path)")
     p.add_argument("--published-images", type=int, default=0,
                    help="run the (slow) published per-image path on the first K images only (0 = all)")
@@ -198,6 +262,10 @@ def main(argv=None) -> dict:
             "affinity_entries_flipped": float(flipped.double().mean()),
             "feature_max_rel_diff": float(((feats.float() - feats32).norm(dim=-1) / feats32.norm(dim=-1).clamp(min=1e-12)).max())}
 
+    if args.compat_agreement:
+        res["default_vs_published_compat"] = compat_agreement(model, batched_features, fast_ncut, fast_masks, cfg,
+                                                              grid, batches, [r.file_name for r in records])
+
     if not args.skip_published:
         # ---- the published per-image path, re-implemented (same weights, one image at a time)
         ph = dict.fromkeys(("decode", "vit", "ncut", "crf", "encode"), 0.0)
@@ -223,8 +291,7 @@ def main(argv=None) -> dict:
             for m in up:
                 t = time.perf_counter()
                 crf = ndimage.binary_fill_holes(pydensecrf_refine(fixed, m.astype(np.float32)) >= 0.5)
-                union = (crf | m).sum()
-                keep = union > 0 and (crf & m).sum() / union >= 0.5
+                keep = float(mask_iou(torch.from_numpy(crf).flatten(), torch.from_numpy(m).flatten())) >= 0.5
                 ph["crf"] += time.perf_counter() - t
                 t = time.perf_counter()
                 if keep and encode_mask(resize_mask(crf, width, height)) is not None:

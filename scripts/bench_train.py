@@ -49,10 +49,6 @@ def bench_train(config_file: str, overrides, iters: int) -> dict:
     from cutler.config import load_config
     from cutler.engine import Trainer
 
-    try:
-        import cutler.modeling.build  # noqa: F401
-    except ImportError as e:
-        return {"skipped": f"detector not available ({e})"}
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(config_file, list(overrides) + [f"solver.max_iter={iters + 2}", f"output_dir={out}",
                                                           "solver.checkpoint_period=0", "solver.log_period=1000"])

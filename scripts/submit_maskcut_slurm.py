@@ -31,15 +31,6 @@ def run_shard(shard_index: int, num_shards: int, maskcut_args: Sequence[str]) ->
                                       "--no-progress", "--no-merge"])
 
 
-def _out_dir(maskcut_args: List[str]) -> str:
-    for i, a in enumerate(maskcut_args):
-        if a == "--out-dir" and i + 1 < len(maskcut_args):
-            return maskcut_args[i + 1]
-        if a.startswith("--out-dir="):
-            return a.split("=", 1)[1]
-    return "output/maskcut"
-
-
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     maskcut_args: List[str] = []
@@ -86,10 +77,11 @@ def main(argv=None) -> None:
             except Exception as e:  # noqa: BLE001 - report every task, then merge what exists
                 failed += 1
                 print(f"task {j.job_id} failed: {e}", file=sys.stderr)
+        from cutler.maskcut.cli import resolve_maskcut_config
         from cutler.maskcut.writer import merge_outputs
 
-        out_dir = _out_dir(maskcut_args)
-        counts = merge_outputs(out_dir, os.path.join(out_dir, "merged.json"))
+        mcfg = resolve_maskcut_config(maskcut_args)
+        counts = merge_outputs(mcfg.out_dir, os.path.join(mcfg.out_dir, "merged.json"), output_format=mcfg.output_format)
         print(f"merged: {counts}; {failed} task(s) failed (rerun this command to resume them)")
 
 

@@ -10,8 +10,8 @@ import torchvision
 
 from cutler.config import load_config
 from cutler.modeling import build_model
-from cutler.modeling.checkpoint import (UnsafePickleError, convert_basic_c2_names, export_detectron2, load_weights,
-                                        read_checkpoint, restricted_pickle_load, save_checkpoint)
+from cutler.checkpoint import (UnsafePickleError, convert_basic_c2_names, export_detectron2, load_weights,
+                               read_checkpoint, restricted_pickle_load, save_checkpoint)
 
 OVERRIDES = ["model.meta_architecture=ProposalNetwork", "model.device=cpu", "model.resnets.norm=FrozenBN",
              "model.resnets.stride_in_1x1=false", "model.backbone.freeze_at=0"]
@@ -228,8 +228,54 @@ def test_shape_mismatch_names_the_key_unless_skipped(tmp_path, source, target):
                                          r"\.weight': checkpoint \(5, 256, 1, 1\) vs model \(3, 256, 1, 1\)"):
         load_weights(target, path)
     before = target.state_dict()[key].clone()
-    result = load_weights(target, path, skip_mismatch=True)
+    result = load_weights(target, path, strictness="skip_mismatched")
     assert result.skipped_mismatched == [(key, (5, 256, 1, 1), (3, 256, 1, 1))]
     assert key not in result.missing_keys
     assert torch.equal(target.state_dict()[key], before)
     _assert_same_state(source, target, "backbone.")
+
+
+# ----------------------------------------------------------------------------------- strictness
+SMALL = OVERRIDES + ["model.resnets.depth=18", "model.resnets.res2_out_channels=64", "model.fpn.out_channels=32"]
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A small detector and the path of its saved weights."""
+    torch.manual_seed(3)
+    model = build_model(load_config(None, SMALL))
+    path = str(tmp_path_factory.mktemp("small") / "own.pth")
+    save_checkpoint(model, path)
+    return model, path
+
+
+def test_exact_strictness_refuses_missing_and_unused_tensors(tmp_path, small_checkpoint):
+    source, _ = small_checkpoint
+    target = build_model(load_config(None, SMALL))
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    dropped = "backbone.fpn_output2.bias"
+    extra = state.pop(dropped)
+    path = str(tmp_path / "partial.pth")
+    torch.save({"model": state}, path)
+    assert load_weights(target, path).missing_keys == [dropped]  # "shapes" tolerates it
+    with pytest.raises(ValueError, match=rf"partial\.pth.*missing {dropped}; not in the model none"):
+        load_weights(target, path, strictness="exact")
+    state[dropped], state["roi_heads.unknown.weight"] = extra, torch.zeros(1)
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match=r"missing none; not in the model roi_heads\.unknown\.weight"):
+        load_weights(target, path, strictness="exact")
+    with pytest.raises(ValueError, match="strictness must be one of"):
+        load_weights(target, path, strictness="lenient")
+
+
+def test_build_model_with_weights_loads_every_tensor_or_keeps_the_initialisation(small_checkpoint):
+    from cutler.modeling import build_model_with_weights
+
+    source, path = small_checkpoint
+    cfg = load_config(None, SMALL)
+    _assert_same_state(source, build_model_with_weights(cfg, path, "exact"))
+    torch.manual_seed(1)
+    fresh = build_model(cfg)
+    torch.manual_seed(1)
+    unloaded = build_model_with_weights(cfg, "", "exact")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), unloaded.state_dict().values()))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cutler.data.copy_paste import CopyPasteParams, copy_paste_batch, paste_instances
-from cutler.modeling.boxes import masks_to_boxes
+from cutler.structures.masks import masks_to_boxes
 
 
 

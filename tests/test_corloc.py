@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import torch
-from torchvision.ops import box_iou
 
 from cutler.evaluation.coco_eval import EvaluationInputError
-from cutler.evaluation.corloc import box_iou_xywh, corloc
+from cutler.evaluation.corloc import corloc
 
 
 def _gt():
@@ -48,12 +45,3 @@ def test_corloc_reads_files_and_rejects_unknown_images(tmp_path):
     assert corloc(tmp_path / "gt.json", tmp_path / "res.json")["corloc"] == pytest.approx(25.0)
     with pytest.raises(EvaluationInputError):
         corloc(_gt(), [_r(42, [0, 0, 1, 1], 1.0)])
-
-
-def test_box_iou_matches_torchvision():
-    rng = np.random.default_rng(1)
-    a = np.concatenate([rng.uniform(0, 50, (7, 2)), rng.uniform(0, 40, (7, 2))], 1)
-    b = np.concatenate([rng.uniform(0, 50, (5, 2)), rng.uniform(0, 40, (5, 2))], 1)
-    xyxy = lambda x: torch.tensor(np.concatenate([x[:, :2], x[:, :2] + x[:, 2:]], 1))
-    np.testing.assert_allclose(box_iou_xywh(a, b), box_iou(xyxy(a), xyxy(b)).numpy(), rtol=1e-10, atol=1e-12)
-    assert box_iou_xywh([[0, 0, 0, 0]], [[0, 0, 0, 0]])[0, 0] == 0.0  # degenerate boxes: no NaN

@@ -10,7 +10,7 @@ from cutler.data.build import TrainLoader, build_train_loader
 from cutler.data.coco import AnnotationFileError, get_detection_dataset_dicts, load_coco_json
 from cutler.data.mapper import DatasetMapper, MapperParams, shortest_edge_size
 from cutler.data.samplers import TrainingBatchSampler
-from cutler.modeling.boxes import masks_to_boxes
+from cutler.structures.masks import masks_to_boxes
 from test_data_fixtures import make_coco_dataset, register_tiny
 
 

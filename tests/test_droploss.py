@@ -81,7 +81,7 @@ def test_many_boxes_are_chunked_consistently():
     image = torch.randint(0, 3, (5000,))
     gt = _gt()
     iou = max_iou_with_gt(boxes, image, gt)
-    from cutler.modeling.boxes import pairwise_iou
+    from cutler.structures.boxes import pairwise_iou
 
     for i, g in enumerate(gt):
         sel = image == i

@@ -13,15 +13,16 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from cutler.data.mapper import shortest_edge_size
-
 from cutler.config import load_config
 from cutler.data.catalog import register_dataset
+from cutler.data.mapper import shortest_edge_size
 from cutler.evaluation.evaluator import DatasetMissingError, evaluate_dataset
 from cutler.evaluation.inference import (
     RESULTS_FILE,
+    ChunkWriter,
     finished_image_ids,
     instances_to_coco_results,
+    plan_inference,
     prepare_input,
     run_inference,
 )
@@ -272,11 +273,15 @@ def test_demo_writes_overlays_above_the_confidence(tmp_path):
     assert (vis[1, 1] == 0).all()
 
 
-def _dist_worker(rank, world, init_file, data_dir, out_dir, ret_dir):
+def _dist_worker(rank, world, port, data_dir, out_dir, ret_dir):
     import os
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from cutler.engine.launch import init_distributed_from_env
+
+    # the environment torchrun gives each rank of tools/eval_zero_shot.py
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    assert init_distributed_from_env() and torch.distributed.get_backend() == "gloo"
     try:
         gt = json.loads((data_dir / "gt.json").read_text())
         model = BrightBoxModel()
@@ -290,10 +295,12 @@ def _dist_worker(rank, world, init_file, data_dir, out_dir, ret_dir):
 def test_torch_distributed_ranks_shard_and_rank0_merges(tmp_path):
     import torch.multiprocessing as mp
 
+    from cutler.engine.launch import find_free_port
+
     _make_dataset(tmp_path / "data")
     (tmp_path / "ret").mkdir()
     # fork: the children inherit the imported modules (spawn would import torch twice more, ~10 s)
-    mp.start_processes(_dist_worker, args=(2, tmp_path / "init", tmp_path / "data", tmp_path / "out", tmp_path / "ret"),
+    mp.start_processes(_dist_worker, args=(2, find_free_port(), tmp_path / "data", tmp_path / "out", tmp_path / "ret"),
                        nprocs=2, join=True, start_method="fork")
     r0, r1 = (json.loads((tmp_path / "ret" / f"{r}.json").read_text()) for r in (0, 1))
     assert r0["path"] is not None and r1["path"] is None  # rank 0 merges after the barrier
@@ -303,7 +310,6 @@ def test_torch_distributed_ranks_shard_and_rank0_merges(tmp_path):
 
 
 def test_demo_tool_with_the_real_detector_from_random_weights(tmp_path, caplog):
-    pytest.importorskip("cutler.modeling.build", reason="the detector is not in this checkout yet")
     import importlib.util
     from pathlib import Path
 
@@ -325,6 +331,27 @@ def test_demo_tool_with_the_real_detector_from_random_weights(tmp_path, caplog):
     assert vis.shape == (IMAGES[0][1], IMAGES[0][0], 3)
     assert (vis != np.asarray(Image.open(img_dir / "0.png").convert("RGB"))).any()  # detections were drawn
     assert any("RANDOMLY INITIALISED" in r.getMessage() for r in caplog.records)
+
+
+def test_plan_shards_by_sorted_id_and_skips_committed_images(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.png"} for i in (5, 3, 9, 1, 7)]
+    settings = {"min_size": 32, "max_size": 64, "max_dets": 10, "with_masks": True, "num_images": len(images)}
+    plans = [plan_inference(images, tmp_path, settings, True, rank, 2) for rank in (0, 1)]
+    assert [[im["id"] for im in p.todo] for p in plans] == [[1, 5, 9], [3, 7]]
+    assert plans[0].all_ids == {1, 3, 5, 7, 9} and plans[0].with_masks
+    writer = ChunkWriter(tmp_path, 1, chunk_size=2)
+    writer.add([3], [], [{"image_id": 3, "file_name": "3.png", "reason": "unreadable"}])
+    assert finished_image_ids(tmp_path) == set()  # nothing committed below chunk_size
+    writer.commit()
+    assert writer.committed == 1 and finished_image_ids(tmp_path) == {3}
+    assert [im["id"] for im in plan_inference(images, tmp_path, settings, True, 1, 2).todo] == [7]
+    # without resume every image of the shard is planned again, and rank 0 deletes the chunks
+    assert [im["id"] for im in plan_inference(images, tmp_path, settings, False, 1, 2).todo] == [3, 7]
+    assert finished_image_ids(tmp_path) == {3}
+    plan_inference(images, tmp_path, settings, False, 0, 2)
+    assert finished_image_ids(tmp_path) == set()
+    with pytest.raises(ValueError, match="not unique"):
+        plan_inference(images + images[:1], tmp_path / "dup", settings, True, 0, 1)
 
 
 def test_resume_refuses_other_settings_and_keeps_masks(tmp_path):

@@ -306,8 +306,7 @@ def test_demo_writes_overlay_with_eigvec_panels(tmp_path, dataset):
 
 
 def test_real_torch_crf_close_to_pydensecrf(tmp_path, dataset, model):
-    """Integration with the real torch CRF when it is present (skipped otherwise)."""
-    pytest.importorskip("cutler.maskcut.torch_crf")
+    """Integration with the real torch CRF."""
     records, _ = list_dataset(str(dataset))
     good = [r for r in records if r.file_name in ("cls_a/wide.png", "cls_b/rgba.png")]
     out = {}
@@ -376,7 +375,7 @@ def test_bench_maskcut_reports_torch_crf_row_and_final_mask_agreement(tmp_path):
     res = bench.main(["--num-images", "2", "--vit-arch", "small", "--patch-size", "16", "--fixed-size", "128",
                       "--batch-size", "2", "--num-workers", "0", "--crf-workers", "-1", "--device", "cpu",
                       "--crf", "pydensecrf", "torch", "--skip-published", "--vit-dtype", "bfloat16",
-                      "--dtype-agreement"])
+                      "--dtype-agreement", "--compat-agreement"])
     rows = res["ours_end_to_end_by_crf"]
     assert set(rows) == {"pydensecrf", "torch"} and res["ours_end_to_end"] == rows["pydensecrf"]
     assert all(r["masks"] > 0 and r["crf_masks_per_crf_s"] > 0 for r in rows.values())
@@ -386,6 +385,15 @@ def test_bench_maskcut_reports_torch_crf_row_and_final_mask_agreement(tmp_path):
     dt = res["agreement_vit_dtype_vs_float32"]
     assert dt["vit_dtype"] == "bfloat16" and len(dt["mean_stage_iou"]) == 3
     assert 0 < dt["feature_max_rel_diff"] < 0.05 and 0 <= dt["affinity_entries_flipped"] < 0.05
+    compat = res["default_vs_published_compat"]
+    for key in ("identical_features", "each_mode_own_vit"):
+        d = compat[key]
+        assert (d["of_images"], d["of_stages"]) == (2, 6) and d["images"] <= d["stages"] == len(d["pairs"])
+    events = compat["solved_stages_with_event"]
+    assert 2 <= events["solved_stages"] <= 6 and set(events) == {"solved_stages", "sign", "mean_tie", "seed_tie",
+                                                                 "degenerate"}
+    assert sum(compat["first_difference_caused_by"].values()) == compat["identical_features"]["images"]
+    assert 0 < compat["vit_dino_vs_fused_max_abs_diff"] < 0.1  # the bf16 default forward vs DINO's float32 one
 
 
 def test_masks_are_upsampled_to_the_fixed_size_image(tmp_path, dataset, model):
@@ -408,3 +416,68 @@ def test_masks_are_upsampled_to_the_fixed_size_image(tmp_path, dataset, model):
     want = {k: encode_mask(resize_mask(m, image.shape[1], image.shape[0]))["segmentation"]["counts"]
             for k, m in enumerate(up) if m.any()}
     assert got and got == want
+
+
+class _OneBadImageModel:
+    """Stand-in for MaskCutModel: one 4x4 stage mask per image; a batch holding a white image raises."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.timings = {"decode": 0.0, "decode_wait": 0.0}
+        self.calls = []
+
+    def image_masks(self, resized, out_hw=None):
+        self.calls.append(len(resized))
+        if any(r[0, 0, 0] == 255 for r in resized):
+            raise RuntimeError("broken image")
+        masks = np.zeros((len(resized), 1, *out_hw), dtype=bool)
+        masks[:, :, 2:6, 2:6] = True
+        return types.SimpleNamespace(status=torch.zeros((len(resized), 1), dtype=torch.long)), masks
+
+
+def _item(i, name, bright=False):
+    img = np.full((8, 8, 3), 255 if bright else 10, dtype=np.uint8)
+    return {"record": pl.ImageRecord(i, name, name), "width": 8, "height": 8, "image": img, "resized": img,
+            "decode_s": 0.0}
+
+
+def test_shard_runner_isolates_the_image_that_breaks_a_batch_and_keeps_order(tmp_path):
+    writer = ShardWriter(tmp_path / "s", chunk_size=10)
+    bar = types.SimpleNamespace(update=lambda n: None)
+    progress = pl.ShardProgress(writer, bar)
+    model = _OneBadImageModel()
+    queue = pl.PostprocessQueue(None, progress, model.timings | {"crf": 0.0, "encode": 0.0}, max_pending=1)
+    runner = pl.ShardRunner(replace(FAST, crf="none"), model, "none", queue, progress)
+    batches = [[_item(1, "a.png"), _item(2, "bad.png", bright=True), _item(3, "c.png")],
+               [{"record": pl.ImageRecord(4, "d.png", "d.png"), "error": "not an image"}, _item(5, "e.png")]]
+    runner.run(batches)
+    writer.close()
+    assert model.calls == [3, 1, 1, 1, 1]  # the broken batch is retried image by image
+    chunk = json.loads(Path(chunk_files(tmp_path / "s")[0]).read_text())
+    assert [im["file_name"] for im in chunk["images"]] == ["a.png", "c.png", "e.png"]
+    assert all(a["area"] == 16 for a in chunk["annotations"]) and len(chunk["annotations"]) == 3
+    lines = (tmp_path / "s" / "failures.jsonl").read_text().splitlines()
+    fails = {f["file_name"]: f["reason"] for f in map(json.loads, lines)}
+    assert fails == {"bad.png": "maskcut failed: RuntimeError: broken image", "d.png": "not an image"}
+    assert progress.reasons == {"maskcut failed": 1, "not an image": 1}
+    assert runner.stage_status == {"kept": 3}
+
+
+def test_postprocess_queue_records_a_failing_image_and_writes_the_others(tmp_path):
+    writer = ShardWriter(tmp_path / "s", chunk_size=10)
+    progress = pl.ShardProgress(writer, types.SimpleNamespace(update=lambda n: None))
+    queue = pl.PostprocessQueue(None, progress, {"crf": 0.0, "encode": 0.0}, max_pending=5)
+    masks = np.zeros((1, 8, 8), dtype=bool)
+    masks[0, 1:3, 1:4] = True
+    for i, name in enumerate(("a.png", "b.png")):
+        queue.submit(_item(i, name), (_item(i, name)["image"], masks, 8, 8, "none", None, 0.5, pl.CRFParams()))
+    queue.submit(_item(2, "c.png"), (None, masks, 8, 8, "pydensecrf", None, 0.5, pl.CRFParams()))  # no image: raises
+    queue.drain()
+    assert len(queue.pending) == 3  # under max_pending nothing is collected yet
+    queue.drain(0)
+    writer.close()
+    chunk = json.loads(Path(chunk_files(tmp_path / "s")[0]).read_text())
+    assert [im["file_name"] for im in chunk["images"]] == ["a.png", "b.png"] and chunk["annotations"][0]["area"] == 6
+    fail = json.loads((tmp_path / "s" / "failures.jsonl").read_text())
+    assert fail["file_name"] == "c.png" and fail["reason"].startswith("post-processing failed: ")

@@ -8,6 +8,7 @@ from scipy import ndimage
 from scipy.linalg import eigh
 
 from cutler.maskcut import ncut
+from cutler.structures.masks import mask_iou
 
 
 def blob_features(b, h, w, c=32, k=4, noise=0.6, seed=0):
@@ -137,28 +138,39 @@ def test_dense_fallback_when_not_converged():
 
 
 # ----------------------------------------------------------------------------- stage logic vs numpy
-def reference_maskcut(feats, h, w, n, tau, eps=1e-5):
+def reference_maskcut(feats, h, w, n, tau, eps=1e-5, published=False):
     """Independent per-image re-implementation of the published loop (scipy eigh, ndimage.label),
-    with the two documented conventions: canonical sign and lowest-index ties."""
+    with the documented conventions (canonical sign; ties at the mean and at the maximum within
+    1e-9 max|x|: not foreground, lowest index; empty mask for a repeated eigenvalue) unless
+    ``published``: then LAPACK's sign, plain comparisons and argmax, and the published dtypes (float32
+    Gram matrix in the first stage, float64 once the painting has promoted the features)."""
+    feats32 = feats.float().numpy()
     feats = feats.double().numpy().copy()
     painting = np.zeros(h * w, bool)
     current = np.zeros(h * w, bool)
     masks = []
     for t in range(n):
-        f = feats * (~painting)[:, None]
-        norm = np.linalg.norm(f, axis=1, keepdims=True)
-        f = f / np.maximum(norm, 1e-12)
-        a = (f.astype(np.float32) @ f.astype(np.float32).T) > tau
+        if published:
+            f = feats32 if t == 0 else feats * (~painting)[:, None]
+            f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+            a = (f @ f.T) > tau
+        else:
+            f = feats * (~painting)[:, None]
+            norm = np.linalg.norm(f, axis=1, keepdims=True)
+            f = f / np.maximum(norm, 1e-12)
+            a = (f.astype(np.float32) @ f.astype(np.float32).T) > tau
         a = np.where(a, 1.0, eps)
         d = a.sum(1)
         vals, vec = eigh(np.diag(d) - a, np.diag(d), subset_by_index=[1, 2])
         x = vec[:, 0]
+        tol = 0.0 if published else 1e-9 * np.abs(x).max()
 
         def first_max(v):
-            return int(np.flatnonzero(v >= v.max() - 1e-9 * np.abs(v).max())[0])
+            return int(np.flatnonzero(v >= v.max() - tol)[0])
 
-        x = x * (1 if x[first_max(np.abs(x))] > 0 else -1)
-        fg = x > x.sum() / len(x)
+        if not published:
+            x = x * (1 if x[first_max(np.abs(x))] > 0 else -1)
+        fg = x > x.sum() / len(x) + tol
         corners = fg.reshape(h, w)[[0, 0, -1, -1], [0, -1, 0, -1]].sum()
         reverse = corners >= 3 or not fg[first_max(np.abs(x))]
         if reverse:
@@ -167,7 +179,7 @@ def reference_maskcut(feats, h, w, n, tau, eps=1e-5):
             seed = first_max(x)
         objects, _ = ndimage.label(fg.reshape(h, w))
         mask = (objects == objects.flat[seed]).reshape(-1)
-        if vals[1] - vals[0] < 1e-7:
+        if vals[1] - vals[0] < 1e-7 and not published:
             mask = np.zeros_like(mask)
         if t >= 1:
             union = (mask | current).sum()
@@ -180,22 +192,20 @@ def reference_maskcut(feats, h, w, n, tau, eps=1e-5):
     return np.stack(masks)
 
 
-def test_stage_logic_matches_numpy_reference():
+@pytest.mark.parametrize("compat", ["default", "published"])
+def test_stage_logic_matches_numpy_reference(compat):
     f = blob_features(4, 11, 13, c=20, k=5, seed=11)
-    out = ncut.maskcut_patches(f, (11, 13), n_stages=4, tau=0.2, solver="exact")
+    out = ncut.maskcut_patches(f, (11, 13), n_stages=4, tau=0.2, solver="exact", compat=compat)
     for i in range(4):
-        np.testing.assert_array_equal(out.masks[i].numpy(), reference_maskcut(f[i], 11, 13, 4, 0.2))
+        ref = reference_maskcut(f[i], 11, 13, 4, 0.2, published=compat == "published")
+        np.testing.assert_array_equal(out.masks[i].numpy(), ref)
     assert (out.status != ncut.KEPT).any(), "the sample should exercise a stage filter"
 
 
 # ------------------------------------------------------------------------------------ agreement
 def per_stage_iou(a, b):
     """Mean IoU of candidate masks per stage; two empty masks agree (IoU 1)."""
-    a, b = a.flatten(2), b.flatten(2)
-    inter = (a & b).sum(-1).double()
-    union = (a | b).sum(-1).double()
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    return iou.mean(0)
+    return mask_iou(a.flatten(2), b.flatten(2), empty=1.0).mean(0)
 
 
 def assert_agree(feats, grid, **kw):

@@ -1,9 +1,15 @@
 """The whole loop end to end on a tiny synthetic set: MaskCut -> round 0 -> one self-training round ->
 evaluation -> report, interrupted at stage boundaries and resumed."""
+import contextlib
+import io
 import json
+from collections import Counter
 
+import pytest
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
+from cutler.data.catalog import get_dataset
 from cutler.pipeline.cli import main
 from cutler.pipeline.runner import pseudo_mask_counts
 from cutler.pipeline.stages import Manifest
@@ -15,6 +21,26 @@ TINY = [
     "'solver.checkpoint_period=2','input.min_size_train=[128]','input.min_size_test=128','input.max_size_test=192']",
     "pipeline.selftrain_max_iter=2", "selftrain.rounds=1", "selftrain.score_thresholds=[0.0]",
 ]
+
+
+def _assert_eval_stage_scored_its_predictions(run, r: int) -> None:
+    """The eval stage predicted every held-out image (at most 100 detections each) and its metrics are
+    pycocotools' own on those predictions (the synthetic ground truth has one category)."""
+    metrics = json.loads((run / f"round{r}" / "eval" / "metrics.json").read_text())["synthetic_val"]
+    dets = json.loads((run / f"round{r}" / "eval" / "synthetic_val" / "coco_instances_results.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(get_dataset("synthetic_val", run / "datasets").json_file))
+        per_image = Counter(d["image_id"] for d in dets)
+        assert set(per_image) == set(gt.getImgIds()) and len(per_image) == 3 and max(per_image.values()) <= 100
+        assert set(metrics) == {"bbox", "segm"}
+        for iou_type, values in metrics.items():
+            E = COCOeval(gt, gt.loadRes(dets), iou_type)
+            E.evaluate()
+            E.accumulate()
+            E.summarize()
+            assert values["AP"] == pytest.approx(100 * E.stats[0], abs=1e-9), (r, iou_type)
+            assert values["AP50"] == pytest.approx(100 * E.stats[1], abs=1e-9), (r, iou_type)
+            assert values["AR100"] == pytest.approx(100 * E.stats[8], abs=1e-9), (r, iou_type)
 
 
 def test_tiny_pipeline_runs_end_to_end_and_resumes_at_stage_boundaries(tmp_path, capsys):
@@ -34,9 +60,11 @@ def test_tiny_pipeline_runs_end_to_end_and_resumes_at_stage_boundaries(tmp_path,
     assert all(stages[s]["status"] == "done" for s in data["plan"])
     assert stages["data"]["attempts"] == 1 and stages["maskcut"]["attempts"] == 1
     for r in (0, 1):
-        metrics = json.loads((tmp_path / "run" / f"round{r}" / "eval" / "metrics.json").read_text())
-        box = metrics["synthetic_val"]["bbox"]
-        assert 0.0 <= box["AP"] <= 100.0 and 0.0 <= box["AR100"] <= 100.0
+        _assert_eval_stage_scored_its_predictions(tmp_path / "run", r)
+    # The round-0 detector predicted on every training image: what the merge read.
+    predicted = {d["image_id"] for d in json.loads((tmp_path / "run" / "round0" / "predict" /
+                                                    "coco_instances_results.json").read_text())}
+    assert predicted == set(labels0.getImgIds())
     # Threshold 0: every prediction is kept, so round 1 trains on the round-0 detector's masks.
     merge = stages["merge_r1"]["metrics"]
     assert merge["kept_predictions"] > 0

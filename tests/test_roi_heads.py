@@ -7,7 +7,7 @@ import torch
 
 from cutler.config import load_config
 from cutler.modeling.box_coding import Box2BoxTransform
-from cutler.modeling.boxes import pairwise_iou
+from cutler.structures.boxes import pairwise_iou
 from cutler.modeling.roi_heads import CascadeROIHeads, StandardROIHeads, build_roi_heads, paste_masks_in_image
 from cutler.modeling.roi_heads.base import ProposalBatch, scale_gradient
 from cutler.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image

@@ -5,13 +5,12 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pydensecrf.densecrf as dcrf
 import pytest
 import torch
 
-dcrf = pytest.importorskip("pydensecrf.densecrf")
-
-from cutler.maskcut.crf import CRFParams, mask_to_softmax_probs, pydensecrf_refine  # noqa: E402
-from cutler.maskcut import torch_crf as tc  # noqa: E402
+from cutler.maskcut import torch_crf as tc
+from cutler.maskcut.crf import CRFParams, mask_to_softmax_probs, pydensecrf_refine
 
 _spec = importlib.util.spec_from_file_location("bench_crf", Path(__file__).resolve().parents[1] / "scripts" / "bench_crf.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -229,7 +228,6 @@ def test_fidelity_480_two_masks_one_image():
 
 
 def test_fidelity_synthetic_dataset(tmp_path):
-    pytest.importorskip("cutler.data.synthetic")
     cases = bench.synthetic_cases(tmp_path, 128, num_images=3)
     assert sum(len(m) for _, m in cases) >= 3
     ious, _ = _agreement(cases)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cutler.checkpoint import Checkpointer
 from cutler.config import load_config
-from cutler.engine import Checkpointer, NonFiniteLossError, launch, train
+from cutler.engine import NonFiniteLossError, launch, train
 from test_data_fixtures import register_tiny
 from test_trainer_fixtures import TinyDetector, child_main, tiny_overrides
 
@@ -99,6 +100,23 @@ def test_resume_from_checkpoint_is_exact_with_workers_copy_paste_and_precise_bn(
     assert ref["sampler"] == got["sampler"]
     rows_full = [r for r in _metrics(full) if r["iteration"] > 4]
     assert [r["total_loss"] for r in _metrics(part)] == [r["total_loss"] for r in rows_full]
+
+
+def test_resume_from_a_checkpoint_with_the_earlier_scheduler_state_is_exact(dataset, tmp_path):
+    """Checkpoints written before the LR schedule was torch's LambdaLR hold ``{"iter": n}`` as scheduler state."""
+    extra = {"solver.checkpoint_period": 1, "solver.checkpoint_keep_last": 0}
+    full = tmp_path / "full"
+    ref = Checkpointer.load(train(_cfg(dataset, full, **extra), model_builder=lambda c: TinyDetector()))
+    old = Checkpointer.load(full / "model_0000000.pth")  # after iteration 1 of the 2-iteration warmup
+    old["scheduler"] = {"iter": old["scheduler"]["last_epoch"]}
+    part = tmp_path / "part"
+    part.mkdir()
+    torch.save(old, part / "model_0000000.pth")
+    (part / "last_checkpoint").write_text("model_0000000.pth")
+    got = Checkpointer.load(train(_cfg(dataset, part, **extra), resume=True, model_builder=lambda c: TinyDetector()))
+    _assert_same_state(ref["model"], got["model"])
+    rows_full = [(r["lr"], r["total_loss"]) for r in _metrics(full) if r["iteration"] > 1]
+    assert [(r["lr"], r["total_loss"]) for r in _metrics(part)] == rows_full and len(rows_full) == 5
 
 
 def test_precise_bn_reads_batches_without_copy_paste(dataset, tmp_path, monkeypatch):

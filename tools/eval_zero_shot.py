@@ -30,8 +30,8 @@ def main(argv=None):
     add_config_arguments(parser, default_config="cutler/imagenet_cascade_demo")
     args = parser.parse_args(argv)
 
+    from cutler.engine.launch import init_distributed_from_env
     from cutler.evaluation.evaluator import build_eval_model
-    from cutler.evaluation.inference import init_distributed_from_env
     from cutler.evaluation.zero_shot import plan_zero_shot, run_corloc, run_zero_shot
     from cutler.utils.logging import get_rank, setup_logger
 

@@ -5,7 +5,8 @@ laid over Detectron2's defaults (:data:`DETECTRON2_DEFAULTS`, where they differ 
 lays it over ``get_cfg()``: a key the file omits builds what Detectron2 would build. What is left:
 - keys Detectron2 has but cutler does not implement: accepted only at their inert value
   (``MODEL.KEYPOINT_ON: False``), otherwise a :class:`ConfigKeyError` says the feature is unsupported;
-- keys with a fixed value here (``MODEL.META_ARCHITECTURE: GeneralizedRCNN``): other values are refused;
+- keys with a fixed value or set of values here (``MODEL.META_ARCHITECTURE``: ``GeneralizedRCNN`` or
+  ``PanopticFPN``): other values are refused;
 - bookkeeping keys (``VERSION``) are dropped;
 - anything else unknown is a typo: the error names the key, the file and the closest valid key.
 """
@@ -27,7 +28,7 @@ INERT_ONLY: Dict[str, Any] = {
     "MODEL.LOAD_PROPOSALS": False,
     "MODEL.PROPOSAL_GENERATOR.NAME": "RPN",
     "MODEL.PROPOSAL_GENERATOR.MIN_SIZE": 0,
-    "MODEL.META_ARCHITECTURE": "GeneralizedRCNN",
+    "MODEL.SEM_SEG_HEAD.NAME": "SemSegFPNHead",
     "MODEL.BACKBONE.NAME": "build_resnet_fpn_backbone",
     "MODEL.RPN.HEAD_NAME": "StandardRPNHead",
     "MODEL.ROI_BOX_HEAD.NAME": "FastRCNNConvFCHead",
@@ -43,10 +44,11 @@ IGNORED = {"VERSION", "GLOBAL.HACK", "TEST.KEYPOINT_OKS_SIGMAS", "TEST.EXPECTED_
            "DATASETS.PROPOSAL_FILES_TEST", "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN",
            "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST", "SOLVER.REFERENCE_WORLD_SIZE_ONLY"}
 # Known Detectron2 subtrees cutler does not implement at all.
-UNSUPPORTED_SECTIONS = ("MODEL.RETINANET", "MODEL.SEM_SEG_HEAD", "MODEL.PANOPTIC_FPN", "MODEL.ROI_KEYPOINT_HEAD",
-                        "MODEL.DENSEPOSE", "INPUT.CROP")
+UNSUPPORTED_SECTIONS = ("MODEL.RETINANET", "MODEL.ROI_KEYPOINT_HEAD", "MODEL.DENSEPOSE", "INPUT.CROP")
 # The allowed ROI head names (CutLER registers Custom* variants of Detectron2's).
 ROI_HEAD_NAMES = {"StandardROIHeads", "CascadeROIHeads", "CustomStandardROIHeads", "CustomCascadeROIHeads"}
+# The meta-architectures a Detectron2 YAML may name (Panoptic FPN: the detector plus a semantic branch).
+META_ARCHITECTURES = {"GeneralizedRCNN", "PanopticFPN"}
 
 
 # Detectron2's defaults (detectron2/config/defaults.py; CutLER's add_cutler_config adds its keys at our
@@ -178,6 +180,9 @@ def import_detectron2_yaml(path: os.PathLike | str) -> dict:
                 continue
         if key.startswith(UNSUPPORTED_SECTIONS):
             raise ConfigKeyError(f"{where}: '{key}' belongs to a Detectron2 feature cutler does not implement")
+        if key == "MODEL.META_ARCHITECTURE" and value not in META_ARCHITECTURES:
+            raise ConfigKeyError(f"{where}: 'MODEL.META_ARCHITECTURE: {value}' is not supported by cutler (one of "
+                                 f"{sorted(META_ARCHITECTURES)})")
         if key == "MODEL.ROI_HEADS.NAME" and value not in ROI_HEAD_NAMES:
             raise ConfigKeyError(
                 f"{where}: MODEL.ROI_HEADS.NAME '{value}' is not supported (one of {sorted(ROI_HEAD_NAMES)})"
@@ -196,7 +201,7 @@ def import_detectron2_yaml(path: os.PathLike | str) -> dict:
 
 
 # Our keys that Detectron2's config does not have: dropped when exporting for a Detectron2 build.
-CUTLER_ONLY_SECTIONS = ("maskcut", "selftrain", "eval", "pipeline", "unsam")
+CUTLER_ONLY_SECTIONS = ("maskcut", "selftrain", "eval", "pipeline", "u2seg", "stego", "panoptic", "unsam")
 CUTLER_ONLY_KEYS = {
     "model.channels_last", "datasets.root", "solver.checkpoint_keep_last", "solver.nan_policy", "solver.amp.dtype",
     "solver.log_period", "solver.ddp_find_unused_parameters", "dataloader.max_instances_per_image",

@@ -134,8 +134,38 @@ class ROIMaskHeadConfig:
 
 
 @dataclass
+class SemSegHeadConfig:
+    """The Panoptic FPN semantic branch (Detectron2's ``MODEL.SEM_SEG_HEAD``); used by ``PanopticFPN``."""
+
+    name: str = "SemSegFPNHead"
+    in_features: List[str] = _list("p2", "p3", "p4", "p5")
+    ignore_value: int = 255  # target value without loss (void)
+    num_classes: int = 54  # Detectron2's COCO: 53 stuff + 1 "thing"; U2Seg: 27 STEGO clusters + 1 = 28
+    convs_dim: int = 128
+    common_stride: int = 4  # every level is brought to this stride, then the logits are upsampled x4
+    norm: str = "GN"
+    loss_weight: float = 1.0  # lambda_s (Base-Panoptic-FPN recipes: 0.5)
+
+
+@dataclass
+class PanopticCombineConfig:
+    """How instances and semantic output become one panoptic map (Detectron2's defaults)."""
+
+    enabled: bool = True  # kept for Detectron2 YAML compatibility; the combination always runs at inference
+    overlap_thresh: float = 0.5  # an instance whose mask is more than this fraction already taken is dropped
+    stuff_area_limit: int = 4096  # stuff regions smaller than this (pixels of the output image) are dropped
+    instances_confidence_thresh: float = 0.5  # instances scoring below this are not pasted
+
+
+@dataclass
+class PanopticFPNConfig:
+    instance_loss_weight: float = 1.0  # lambda_i, on every ROI-head loss (classification, box, mask)
+    combine: PanopticCombineConfig = field(default_factory=PanopticCombineConfig)
+
+
+@dataclass
 class ModelConfig:
-    meta_architecture: str = "GeneralizedRCNN"
+    meta_architecture: str = "GeneralizedRCNN"  # | "PanopticFPN" (adds model.sem_seg_head) | "ProposalNetwork"
     weights: str = ""  # a local path; URLs are refused (no downloads at run time)
     mask_on: bool = False
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -151,6 +181,8 @@ class ModelConfig:
     roi_box_head: ROIBoxHeadConfig = field(default_factory=ROIBoxHeadConfig)
     roi_box_cascade_head: ROIBoxCascadeHeadConfig = field(default_factory=ROIBoxCascadeHeadConfig)
     roi_mask_head: ROIMaskHeadConfig = field(default_factory=ROIMaskHeadConfig)
+    sem_seg_head: SemSegHeadConfig = field(default_factory=SemSegHeadConfig)
+    panoptic_fpn: PanopticFPNConfig = field(default_factory=PanopticFPNConfig)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -253,7 +285,7 @@ class TestConfig:
 # ------------------------------------------------------------------------------------------- maskcut
 @dataclass
 class MaskCutConfig:
-    """MaskCut pseudo-mask generation (``../shared/spec/maskcut.md``)."""
+    """MaskCut pseudo-mask generation (docs/maskcut.md; differences from the published script: docs/deviations.md)."""
 
     vit_arch: str = "base"  # "small" | "base"
     vit_feat: str = "k"  # "k" | "q" | "v" | "kqv"
@@ -271,6 +303,10 @@ class MaskCutConfig:
     solver_dtype: str = "float64"  # fast solver precision: "float64" | "float32" (float32 changes later stages)
     solver_tol: float = 1e-9  # fast solver residual tolerance (||S|| = 1)
     gap_tol: float = 1e-7  # lambda3 - lambda2 below this: the cut is undefined, the stage mask is empty
+    # "default": deterministic sign/tie conventions | "published": the published script's scipy path and
+    # rounding, op for op (float32 ViT under dtype=auto; solver, solver_* and gap_tol unused)
+    compat: str = "default"
+    output_format: str = "default"  # merged JSON: "default" | "published" (adds per-annotation width/height, int area)
     batch_size: int = 8
     num_workers: int = 4  # image decoding workers
     crf_workers: int = 0  # CRF process pool size; 0 = number of CPU cores
@@ -309,6 +345,111 @@ class EvalConfig:
 
 
 @dataclass
+class U2SegConfig:
+    """U2Seg (semantic-aware instances): instance embeddings, K-means pseudo-classes, same-cluster copy-paste,
+    many-to-one matched evaluation. Defaults are the published instance setting (see ``docs/u2seg.md``)."""
+
+    num_clusters: int = 800  # C: published 300, 800 (main), 2911
+    # Instance embeddings: "cls" = DINO CLS token of the instance's box crop (published); "keys" = mean of the
+    # last block's patch keys under the mask (one ViT pass per image instead of one per instance).
+    feature: str = "cls"
+    vit_arch: str = "base"
+    patch_size: int = 8
+    pretrain_path: str = ""  # DINO ViT checkpoint; empty = random init (loud warning)
+    crop_size: int = 480  # "cls": shortest side resized to this, then centre-cropped square (published)
+    image_size: int = 480  # "keys": the whole image resized to this square (MaskCut's fixed_size)
+    batch_size: int = 64  # ViT inputs per forward (crops for "cls", images for "keys")
+    num_workers: int = 4  # image decoding / cropping workers
+    dtype: str = "auto"  # ViT autocast: "auto" (bf16 on GPU, float32 on CPU) | "bfloat16" | "float16" | "float32"
+    device: str = "auto"
+    chunk_size: int = 1000  # images per atomically written embedding chunk (what a killed run can lose)
+    shard_index: int = -1  # -1 = from torchrun's RANK (or 0)
+    num_shards: int = -1  # -1 = from torchrun's WORLD_SIZE (or 1)
+    min_score: float = 0.0  # instances from a predictions file: keep those scoring at least this
+    # K-means (Lloyd, Euclidean on the L2-normalised embeddings, random data points as initial centroids).
+    backend: str = "auto"  # "torch" (batched, any device) | "faiss" | "sklearn" | "auto" (torch on GPU, else faiss)
+    seed: int = 0
+    max_iter: int = 100  # published: 100 iterations; stops earlier once no assignment changes
+    max_points_per_centroid: int = 0  # faiss: train on a sample of this many points per centroid (0 = all)
+    # Same-cluster copy-paste: "any" = CutLER's batch pairing, "same_cluster" = U2Seg's pairing.
+    copy_paste_pairing: str = "any"
+    # Many-to-one matching of cluster ids to dataset categories (evaluation). Negative = the published value
+    # for the dataset and cluster count (COCO 800: IoU 0.6, conf 0.4).
+    match_conf: float = -1.0
+    match_iou: float = -1.0
+    match_iou_type: str = "bbox"  # "bbox" | "segm": the IoU that casts the votes
+
+
+@dataclass
+class StegoConfig:
+    """STEGO stuff labels for U2Seg panoptic pseudo-labels: a head on frozen DINO patch features, trained with
+    the feature-correspondence loss, a k-means cluster probe, dense CRF. Defaults: STEGO's COCO-Stuff setting
+    (``docs/u2seg.md``)."""
+
+    vit_arch: str = "base"  # the published U2Seg stuff labels come from STEGO's ViT-B/8 COCO-Stuff model
+    patch_size: int = 8
+    pretrain_path: str = ""  # DINO ViT checkpoint; empty = random init (loud warning)
+    dtype: str = "auto"  # ViT autocast: "auto" (bf16 on GPU, float32 on CPU) | "bfloat16" | "float16" | "float32"
+    device: str = "auto"
+    dim: int = 90  # code channels (STEGO: 70 with ViT-S, 90 with ViT-B)
+    dropout: float = 0.1
+    num_clusters: int = 27  # stuff clusters S (the cluster probe's k)
+    # training data: every image gives five crops (4 corners + centre, crop_ratio of each side) or its centre
+    crop: str = "five"  # "five" | "center"
+    crop_ratio: float = 0.5
+    res: int = 224  # training crops are resized to res x res
+    num_neighbors: int = 7  # K: a view's partner is one of its K nearest views by global DINO feature
+    batch_size: int = 16
+    max_steps: int = 7000
+    lr: float = 5.0e-4  # Adam
+    # loss: one shift and weight per pair type (self / K nearest neighbours / random images)
+    self_shift: float = 0.34
+    knn_shift: float = 0.04
+    random_shift: float = 0.86
+    self_weight: float = 0.29
+    knn_weight: float = 0.80
+    random_weight: float = 0.72
+    feature_samples: int = 11
+    neg_samples: int = 5
+    pointwise: bool = True
+    zero_clamp: bool = True
+    # cluster probe: spherical k-means on the codes of sampled pixels
+    probe_images: int = 2000
+    probe_pixels_per_image: int = 100
+    probe_iters: int = 50
+    # inference
+    infer_size: int = 448  # images are resized to this square for the ViT and the CRF, labels resized back
+    alpha: float = 2.0  # cluster probabilities: softmax(alpha * cosine)
+    flip: bool = True  # average the code of the image and of its mirror
+    crf: str = "auto"  # "torch" | "pydensecrf" | "none" | "auto" (torch on GPU, pydensecrf on CPU)
+    infer_batch_size: int = 8
+    num_workers: int = 4
+    shard_index: int = -1  # -1 = from torchrun's RANK (or 0)
+    num_shards: int = -1  # -1 = from torchrun's WORLD_SIZE (or 1)
+    dataset_path: str = ""  # image folder or COCO JSON
+    image_root: str = ""  # with a COCO JSON: the folder its file names are relative to
+    out_dir: str = "output/stego"
+    checkpoint_period: int = 500
+    log_period: int = 20
+    seed: int = 0
+
+
+@dataclass
+class PanopticLabelConfig:
+    """Panoptic pseudo-labels (things from clustered instances, stuff from STEGO) and panoptic evaluation."""
+
+    max_stuff_thing_overlap: float = 1.0  # void a stuff cluster with more of its pixels under things (published 0.7)
+    # evaluation set of the panoptic pipeline (empty with the embedded synthetic run: its own val split)
+    benchmark: str = "synthetic"  # "coco" | "cityscapes" | "synthetic": which published rows the report shows
+    gt_json: str = ""  # COCO panoptic JSON (datasets/README.md, "Panoptic benchmarks")
+    gt_dir: str = ""  # its PNG folder
+    image_root: str = ""  # the images its file names are relative to
+    semantic_gt_dir: str = ""  # optional <stem>.png semantic maps (255 = void) for PixelAcc / mIoU
+    match_conf: float = 0.4  # thing matching (published COCO, 800 clusters: conf 0.4, IoU 0.6)
+    match_iou: float = 0.6
+
+
+@dataclass
 class PipelineConfig:
     """The one-command pipeline (``tools/run_pipeline.py``): MaskCut -> round 0 -> self-training -> evaluation."""
 
@@ -330,7 +471,9 @@ class PipelineConfig:
     num_overlays: int = 4  # held-out images drawn with each round's detections
     overlay_score_thresh: float = 0.5
     num_gpus: int = 1  # training processes on this machine (CPU processes without CUDA)
-    variant: str = "cutler"  # "cutler" (MaskCut -> detector rounds) | "unsam" (divide-and-conquer -> segmenter rounds)
+    variant: str = "cutler"  # "cutler" | "u2seg" (adds embeddings + clustering, class-aware rounds, matched eval)
+    # | "u2seg_panoptic" (clustered things + STEGO stuff -> panoptic pseudo-labels -> universal model -> PQ)
+    # | "unsam" (divide-and-conquer hierarchical pseudo-masks -> whole-image segmenter rounds -> mask AR)
 
 
 # -------------------------------------------------------------------------------------------- unsam
@@ -422,6 +565,9 @@ class CutlerConfig:
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    u2seg: U2SegConfig = field(default_factory=U2SegConfig)
+    stego: StegoConfig = field(default_factory=StegoConfig)
+    panoptic: PanopticLabelConfig = field(default_factory=PanopticLabelConfig)
     unsam: UnsamConfig = field(default_factory=UnsamConfig)
     output_dir: str = "output"
     seed: int = -1  # -1 = derive from time (logged); >= 0 = deterministic

@@ -45,11 +45,13 @@ class TrainBatchDataset(Dataset):
     """Map-style dataset indexed by :class:`BatchTask`: returns a whole mapped (and copy-pasted) batch.
 
     ``dataset[task]`` -> ``{"inputs": List[model input dict], "state": sampler state after the batch,
-    "batch_no": int, "skipped": List[str] (undecodable files replaced in this batch)}``.
+    "batch_no": int, "skipped": List[str] (undecodable files replaced in this batch)}``. ``copy_paste``:
+    CutLER's :class:`CopyPasteParams`, or a transform ``(inputs, positions, generator, records, mapper) ->
+    inputs`` that draws its own sources (U2Seg's same-cluster copy-paste).
     """
 
     def __init__(self, records: Sequence[Dict], group_ids: np.ndarray, mapper: Callable, seed: int,
-                 copy_paste: Optional[CopyPasteParams] = None, vis_dir: Optional[str] = None):
+                 copy_paste: Optional[CopyPasteParams | Callable] = None, vis_dir: Optional[str] = None):
         self.records = records
         self.group_ids = np.asarray(group_ids)
         self.mapper, self.seed, self.copy_paste, self.vis_dir = mapper, int(seed), copy_paste, vis_dir
@@ -77,7 +79,11 @@ class TrainBatchDataset(Dataset):
         skipped: List[str] = []
         inputs = [self._load(p, i, skipped) for p, i in zip(task.positions, task.indices)]
         if self.copy_paste is not None:
-            inputs = copy_paste_batch(inputs, self.copy_paste, batch_generator(self.seed, task.positions[0]))
+            generator = batch_generator(self.seed, task.positions[0])
+            if isinstance(self.copy_paste, CopyPasteParams):
+                inputs = copy_paste_batch(inputs, self.copy_paste, generator)
+            else:  # a transform that draws its sources from the dataset (U2Seg's same-cluster pairing)
+                inputs = self.copy_paste(inputs, task.positions, generator, self.records, self.mapper)
             if self.vis_dir and task.batch_no < NUM_VISUALIZED_BATCHES:
                 save_copy_paste_visualization(inputs, self.vis_dir, f"rank{get_rank()}_batch{task.batch_no}")
         return {"inputs": inputs, "state": task.state, "batch_no": task.batch_no, "skipped": skipped}
@@ -93,7 +99,7 @@ class TrainLoader:
 
     def __init__(self, records: Sequence[Dict], mapper: Callable, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, aspect_grouping: bool = True,
-                 copy_paste: Optional[CopyPasteParams] = None, state: Optional[Dict] = None,
+                 copy_paste: Optional[CopyPasteParams | Callable] = None, state: Optional[Dict] = None,
                  vis_dir: Optional[str] = None):
         groups = aspect_ratio_groups(records, aspect_grouping)
         self.sampler = TrainingBatchSampler(groups, batch_size, seed, rank, world_size, state)
@@ -145,11 +151,27 @@ def build_train_loader(cfg, seed: int, state: Optional[Dict] = None, rank: Optio
         records = get_detection_dataset_dicts(list(cfg.datasets.train), cfg.datasets.root,
                                               filter_empty=bool(cfg.dataloader.filter_empty_annotations),
                                               class_agnostic=int(cfg.model.roi_heads.num_classes) == 1)
+    num_classes = int(cfg.model.roi_heads.num_classes)
+    if num_classes > 1:
+        check_num_classes(records, num_classes, list(cfg.datasets.train))
     cp = CopyPasteParams.from_config(cfg) if copy_paste and cfg.dataloader.copy_paste else None
+    if cp is not None:
+        from cutler.u2seg.copy_paste import build_copy_paste
+
+        cp = build_copy_paste(cfg, records, cp, seed)
     vis_dir = os.path.join(cfg.output_dir, "copy_paste_vis") if cp is not None and cfg.dataloader.visualize_copy_paste else None
     return TrainLoader(records, DatasetMapper(MapperParams.from_config(cfg, True)), total // world_size, seed, rank,
                        world_size, int(cfg.dataloader.num_workers), bool(cfg.dataloader.aspect_ratio_grouping), cp,
                        state, vis_dir)
+
+
+def check_num_classes(records: Sequence[Dict], num_classes: int, names: Sequence[str]) -> None:
+    """Raise ``ValueError`` when the records hold more classes than the model predicts (an instance of class
+    ``num_classes`` would silently train as background)."""
+    top = max((a["category_id"] for r in records for a in r["annotations"]), default=-1)
+    if top >= num_classes:
+        raise ValueError(f"training data {list(names)} has {top + 1} categories but model.roi_heads.num_classes="
+                         f"{num_classes}; set num_classes to the number of categories (clusters)")
 
 
 class _TestDataset(Dataset):

@@ -3,6 +3,7 @@
 A record is a dict::
 
     {"file_name": str (absolute path), "height": int, "width": int, "image_id": int,
+     "sem_seg_file_name": str (optional; absolute path of a uint8 label PNG: Panoptic FPN's semantic target),
      "annotations": [{"bbox": [x, y, w, h] (pixels, XYWH), "segmentation": polygons | RLE | None,
                       "category_id": int (contiguous, 0-based), "iscrowd": 0 | 1}, ...]}
 
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from cutler.structures.rle import rle_to_bbox, segmentation_to_rle
 from cutler.utils.logging import get_logger
 
 from .catalog import get_dataset
@@ -75,6 +77,8 @@ def load_coco_json(json_file: os.PathLike | str, image_root: os.PathLike | str, 
         try:
             rec = {"file_name": str(image_root / img["file_name"]), "height": int(img["height"]),
                    "width": int(img["width"]), "image_id": img["id"], "annotations": []}
+            if img.get("sem_seg_file_name"):  # panoptic training: the image's semantic target, beside the JSON
+                rec["sem_seg_file_name"] = str(json_file.parent / img["sem_seg_file_name"])
         except (KeyError, TypeError, ValueError) as e:
             raise AnnotationFileError(f"annotation file {json_file}: image entry {img!r:.200} lacks {e}") from None
         records[img["id"]] = rec
@@ -113,25 +117,7 @@ def load_coco_json(json_file: os.PathLike | str, image_root: os.PathLike | str, 
 
 
 def _bbox_from_segmentation(seg, height: int, width: int) -> List[float]:
-    from pycocotools import mask as mask_util
-
-    rle = segmentation_to_rle(seg, height, width)
-    return [float(v) for v in mask_util.toBbox(rle)]
-
-
-def segmentation_to_rle(seg, height: int, width: int) -> dict:
-    """A COCO segmentation (polygon list, compressed or uncompressed RLE) as one compressed RLE."""
-    from pycocotools import mask as mask_util
-
-    if isinstance(seg, list):
-        return mask_util.merge(mask_util.frPyObjects(seg, height, width))
-    if isinstance(seg, dict):
-        if isinstance(seg.get("counts"), list):
-            return mask_util.frPyObjects(seg, *seg["size"])
-        if isinstance(seg.get("counts"), str):
-            return {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
-        return seg
-    raise ValueError(f"unsupported segmentation type {type(seg).__name__}")
+    return rle_to_bbox(segmentation_to_rle(seg, height, width))
 
 
 def get_detection_dataset_dicts(names: Sequence[str] | str, root: Optional[os.PathLike | str] = None,

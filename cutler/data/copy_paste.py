@@ -1,4 +1,4 @@
-"""CutLER's batch-level copy-paste augmentation (``shared/spec/detector.md``, "Copy-paste").
+"""CutLER's batch-level copy-paste augmentation.
 
 Pure functions on the mapped dicts of one batch (see :mod:`cutler.data.mapper`); they run inside the
 data-loader workers (:class:`cutler.data.build.TrainBatchDataset`), so the GPU never waits for them.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cutler.modeling.boxes import masks_to_boxes
+from cutler.structures.masks import masks_to_boxes
 
 OCCLUSION_THRESH = 0.5  # the published 'ioy' threshold
 
@@ -97,41 +97,57 @@ def paste_instances(target: Dict, source: Dict, params: CopyPasteParams, generat
     # partially covered border pixels rather than losing them).
     src_masks = F.interpolate(src_inst["masks"][chosen][None].float(), size=(ph, pw), mode="bilinear",
                               align_corners=False)[0] > 0
-    tgt_inst = target["instances"]
-    tgt_masks = tgt_inst["masks"]
-    m = tgt_masks.shape[0]
-    tgt_area = _mask_areas(tgt_masks)
-    if m:
-        # ioy: intersection over the TARGET mask's area, for every (pasted, target) pair.
+    tgt_area = _mask_areas(target["instances"]["masks"])
+    keep = pasteable(target, src_masks, win, tgt_area)
+    src_masks, chosen = src_masks[keep], chosen[keep]
+    if src_masks.shape[0] == 0:
+        return target
+    # uint8 bilinear resize: torch's fast path for images, 4x cheaper than going through float. It rounds where
+    # the published float resize truncates (.byte()): pasted pixels differ by at most 1 grey level.
+    src_img = F.interpolate(source["image"][None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
+    return compose_paste(target, src_img, src_masks, src_inst["classes"][chosen], win, tgt_area)
+
+
+def pasteable(target: Dict, src_masks: Tensor, win, tgt_area: Tensor) -> Tensor:
+    """``(k,)`` bool: which of the ``(k, ph, pw)`` masks to paste into the target's window ``win`` (a
+    ``(slice(None), rows, cols)`` index): those covering < 50% of every target mask (intersection / TARGET
+    mask area ``tgt_area`` ``(M,)``, the published 'ioy') and not emptied by their rescale (the published
+    code would keep an all-zero target; the mapper drops such instances as well)."""
+    tgt_masks = target["instances"]["masks"]
+    k = src_masks.shape[0]
+    if tgt_masks.shape[0]:
         inter = src_masks.flatten(1).float() @ tgt_masks[win].flatten(1).float().T  # [k, M]
         occludes = (inter / tgt_area.clamp(min=1).float() >= OCCLUSION_THRESH).any(dim=1)
     else:
         occludes = torch.zeros(k, dtype=torch.bool)
-    # A mask that the rescale emptied is dropped too (the published code would keep it as an all-zero
-    # target; the mapper drops such instances as well).
-    keep = ~occludes & src_masks.flatten(1).any(dim=1)
-    src_masks, chosen = src_masks[keep], chosen[keep]
-    if src_masks.shape[0] == 0:
-        return target
-    union = src_masks.any(dim=0)  # [ph, pw]: every pasted pixel; pasted masks are not cut by each other
+    return ~occludes & src_masks.flatten(1).any(dim=1)
 
-    # uint8 bilinear resize: torch's fast path for images, 4x cheaper than going through float. It rounds where
-    # the published float resize truncates (.byte()): pasted pixels differ by at most 1 grey level.
-    src_img = F.interpolate(source["image"][None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
+
+def compose_paste(target: Dict, src_img: Tensor, src_masks: Tensor, src_classes: Tensor, win, tgt_area: Tensor) -> Dict:
+    """Paint the union of ``src_masks`` (``(k, ph, pw)`` bool, pasted masks are not cut by each other) with
+    ``src_img`` (``(3, ph, pw)`` uint8) into the target's window ``win``, subtract it from the target masks,
+    drop target instances it covers entirely, and recompute every box from its mask; returns a new dict."""
+    _, ht, wt = target["image"].shape
+    tgt_inst = target["instances"]
+    union = src_masks.any(dim=0)  # [ph, pw]
     image = target["image"].clone()
     image[win] = torch.where(union, src_img, image[win])
 
-    tgt_masks = tgt_masks.clone()
+    tgt_masks = tgt_inst["masks"].clone()
     removed = _mask_areas(tgt_masks[win] & union)
     tgt_masks[win] &= ~union
     alive = tgt_area - removed > 0
     pasted = torch.zeros((src_masks.shape[0], ht, wt), dtype=torch.bool)
     pasted[win] = src_masks
     masks = torch.cat([tgt_masks[alive], pasted], dim=0)
-    classes = torch.cat([tgt_inst["classes"][alive], src_inst["classes"][chosen]], dim=0)
+    classes = torch.cat([tgt_inst["classes"][alive], src_classes], dim=0)
     out = dict(target)
     out["image"] = image
     out["instances"] = {"boxes": masks_to_boxes(masks), "classes": classes, "masks": masks}
+    if "sem_seg" in target:  # pasted pixels are instances: the "thing" class (0) of a panoptic semantic target
+        sem = target["sem_seg"].clone()
+        sem[win[1:]][union] = 0
+        out["sem_seg"] = sem
     return out
 
 

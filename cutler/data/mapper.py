@@ -5,7 +5,8 @@ The output dict is what :func:`cutler.modeling.build.build_model`'s models take:
     {"image": uint8 Tensor[3, H, W] (RGB, resized), "height": int, "width": int (ORIGINAL size),
      "image_id", "file_name",
      "instances": {"boxes": float Tensor[M, 4] XYXY in resized pixels, "classes": int64 Tensor[M],
-                   "masks": bool Tensor[M, H, W]}}        # training only; "masks" when the data has masks
+                   "masks": bool Tensor[M, H, W]},        # training only; "masks" when the data has masks
+     "sem_seg": uint8 Tensor[H, W]}                     # training, when the record has a "sem_seg_file_name"
 
 Randomness comes from an explicit ``numpy.random.Generator`` per sample, so the same sample at the same
 position of the training stream gets the same augmentation whatever the number of workers or ranks.
@@ -19,9 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cutler.structures.rle import segmentation_to_rle
 from cutler.utils.image import ImageReadError, read_image_rgb
-
-from .coco import segmentation_to_rle
 
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -116,7 +116,7 @@ def _decode_masks(annotations: List[Dict], h: int, w: int, out_h: int, out_w: in
                 elif flip == "vertical":
                     xy[:, 1] = out_h - xy[:, 1]
                 polys.append(xy.ravel().tolist())
-            m = mask_util.decode(mask_util.merge(mask_util.frPyObjects(polys, out_h, out_w)))
+            m = mask_util.decode(segmentation_to_rle(polys, out_h, out_w))
         else:
             m = resize_uint8(mask_util.decode(segmentation_to_rle(seg, h, w)), out_h, out_w, "nearest")
             if flip == "horizontal":
@@ -189,4 +189,31 @@ class DatasetMapper:
         if masks is not None:
             inst["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
         out["instances"] = inst
+        if record.get("sem_seg_file_name"):
+            out["sem_seg"] = _semantic_target(record["sem_seg_file_name"], (h, w), (nh, nw),
+                                              p.flip if flip else "none")
         return out
+
+
+def _semantic_target(path: str, size: Tuple[int, int], out_size: Tuple[int, int], flip: str) -> torch.Tensor:
+    """The uint8 label PNG at ``path`` resized (nearest, as Detectron2's ``apply_segmentation``) and flipped like
+    the image: ``(out_h, out_w)`` uint8.
+
+    Raises:
+        ImageReadError: missing or unreadable file, or a size different from the image's.
+    """
+    try:
+        with Image.open(path) as img:
+            sem = np.asarray(img)
+    except (OSError, ValueError) as e:
+        raise ImageReadError(path, f"semantic target unreadable: {e}") from None
+    if sem.ndim != 2 or sem.dtype != np.uint8:
+        raise ImageReadError(path, f"semantic target must be a single-channel 8-bit PNG, got {sem.dtype} {sem.shape}")
+    if sem.shape != tuple(size):
+        raise ImageReadError(path, f"semantic target is {sem.shape[1]}x{sem.shape[0]}, its image {size[1]}x{size[0]}")
+    sem = resize_uint8(sem, out_size[0], out_size[1], "nearest")
+    if flip == "horizontal":
+        sem = sem[:, ::-1]
+    elif flip == "vertical":
+        sem = sem[::-1]
+    return torch.from_numpy(np.array(sem))  # a copy: the resize may hand back a read-only array

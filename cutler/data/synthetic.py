@@ -4,7 +4,11 @@ Used by the tests, the embedded demo (no data given) and the benchmarks, since n
 downloaded at run time. Each image has a textured background and 1-6 objects (ellipses, rectangles,
 triangles, stars, rings), solid or textured fills, small to large, drawn in order so later objects
 occlude earlier ones. Ground truth is the VISIBLE part of every object: COCO JSON with RLE masks,
-XYWH boxes and areas computed from those masks, one category.
+XYWH boxes and areas computed from those masks, one category (``annotations.json``, what class-agnostic
+training and evaluation read). The same annotations with their shape as the category (five classes,
+:data:`SHAPE_CATEGORIES`) are written beside it as ``annotations_shapes.json`` (catalog names
+``synthetic_shapes_{train,val}``), for class-aware work such as U2Seg's matched evaluation; the images
+and the one-category file do not depend on it.
 
 Image ``i`` of a split depends only on ``(seed, split, i)``, so splits of different lengths share
 their first images.
@@ -26,16 +30,19 @@ from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_utils
 
+from cutler.structures.rle import encode_masks, rle_area, rle_to_bbox
 from cutler.utils.io import atomic_write_bytes, atomic_write_json
 
 GENERATOR_VERSION = 1
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "ring")
+SHAPE_CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]
+SHAPES_JSON = "annotations_shapes.json"
+STUFF_CLASSES = ("sky", "ground", "water")  # the panoptic variant's stuff, behind the objects
 MIN_VISIBLE_AREA = 24  # px: smaller visible remnants are not annotated (they are not objects anymore)
 MIN_PART_PARENT_AREA = 900  # px: objects (and parts) smaller than this get no parts
-PARTS_STREAM = 7  # the extra seed component of the parts' random stream
+PARTS_STREAM = 7  # the extra seed component of the parts' random stream (as the stuff background's: never drawn together)
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,9 @@ def _texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray, strengt
     return base[None, None, :] + mod * (0.5 * base[None, None, :] + 30) + tint * (pattern[..., None] > 0)
 
 
-def _shape_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """``(h, w)`` uint8 mask of one random shape, sizes from tiny (~1% of the side) to large (~60%)."""
+def _shape_mask(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, str]:
+    """``(h, w)`` uint8 mask of one random shape, sizes from tiny (~1% of the side) to large (~60%), and the
+    shape's name."""
     mask = np.zeros((h, w), np.uint8)
     side = min(h, w)
     size = side * rng.choice([rng.uniform(0.06, 0.12), rng.uniform(0.12, 0.3), rng.uniform(0.3, 0.6)])
@@ -96,36 +104,75 @@ def _shape_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         r_out = max(3, int(size / 2))
         cv2.circle(mask, (int(cx), int(cy)), r_out, 1, -1)
         cv2.circle(mask, (int(cx), int(cy)), max(1, int(r_out * rng.uniform(0.35, 0.6))), 0, -1)
-    return mask
+    return mask, shape
 
 
 def _split_salt(split: str) -> int:
     return sum(ord(c) * 131**i for i, c in enumerate(split)) % (2**31)
 
 
-def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
-                 ) -> Tuple[np.ndarray, List[np.ndarray]]:
+def render_scene(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
+                 ) -> Tuple[np.ndarray, List[np.ndarray], List[str]]:
     """Render image ``index`` of ``split``.
 
     Returns:
         image: ``(H, W, 3)`` uint8 RGB.
         masks: visible ``(H, W)`` bool masks, one per annotated object (>= 1 object, at most 6).
+        shapes: the shape name (one of :data:`SHAPES`) of each mask.
     """
-    canvas, visible = _render_scene(seed, split, index, size_range)
-    return np.clip(canvas, 0, 255).round().astype(np.uint8), visible
+    canvas, masks, shapes, _ = _render_canvas(seed, split, index, size_range, stuff=False)
+    return _to_uint8(canvas), masks, shapes
 
 
-def _render_scene(seed: int, split: str, index: int, size_range: Tuple[int, int]
-                  ) -> Tuple[np.ndarray, List[np.ndarray]]:
-    """The float canvas and visible object masks of image ``index`` of ``split``."""
-    rng = np.random.default_rng([seed, _split_salt(split), index])
+def render_panoptic_scene(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
+                          ) -> Tuple[np.ndarray, List[np.ndarray], List[str], np.ndarray]:
+    """:func:`render_scene` with "stuff" behind the objects: ``(image, masks, shapes, stuff)``, where ``stuff`` is
+    the ``(H, W)`` int64 stuff class per pixel (index into :data:`STUFF_CLASSES` + 1). The objects (shapes,
+    positions, colours, masks) are those of :func:`render_scene`; only the background differs."""
+    canvas, masks, shapes, stuff = _render_canvas(seed, split, index, size_range, stuff=True)
+    return _to_uint8(canvas), masks, shapes, stuff
+
+
+def _stuff_background(seed: int, split_salt: int, index: int, h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``(canvas (h, w, 3) float, labels (h, w) int64)``: sky above a wavy horizon, ground below, and in some
+    images a band of water between; each class with its own colour family and texture. A generator of its own
+    leaves the object draws of the scene unchanged."""
+    rng = np.random.default_rng([seed, split_salt, index, 7])
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    horizon = h * rng.uniform(0.3, 0.6) + h * 0.06 * np.sin(2 * np.pi * xx[0] / w * rng.uniform(0.5, 2) + rng.uniform(0, 6))
+    labels = np.where(yy < horizon[None, :], 1, 2)
+    if rng.random() < 0.5:  # water between sky and ground
+        band = horizon + h * rng.uniform(0.12, 0.25)
+        labels = np.where((yy >= horizon[None, :]) & (yy < band[None, :]), 3, labels)
+    sky = np.array([90, 150, 235], np.float32) + rng.uniform(-20, 20, 3)
+    sky_img = sky[None, None] * (0.75 + 0.25 * (1 - yy / h))[..., None] + rng.normal(0, 3, (h, w, 1))
+    ground_img = _texture(rng, h, w, np.array([120, 95, 50], np.float32) + rng.uniform(-20, 20, 3), strength=0.35)
+    water = np.array([40, 90, 150], np.float32) + rng.uniform(-15, 15, 3)
+    water_img = water[None, None] + 25 * np.sin(yy * rng.uniform(0.6, 1.2) + xx * 0.05)[..., None]
+    canvas = np.where((labels == 1)[..., None], sky_img, np.where((labels == 2)[..., None], ground_img, water_img))
+    return canvas.astype(np.float32), labels.astype(np.int64)
+
+
+def _to_uint8(canvas: np.ndarray) -> np.ndarray:
+    return np.clip(canvas, 0, 255).round().astype(np.uint8)
+
+
+def _render_canvas(seed: int, split: str, index: int, size_range: Tuple[int, int], stuff: bool
+                   ) -> Tuple[np.ndarray, List[np.ndarray], List[str], Optional[np.ndarray]]:
+    """``(float canvas (H, W, 3), visible masks, shape names, stuff labels or None)`` of image ``index``."""
+    split_salt = _split_salt(split)
+    rng = np.random.default_rng([seed, split_salt, index])
     h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
     bg_base = rng.uniform(40, 215, 3).astype(np.float32)
     canvas = _texture(rng, h, w, bg_base, strength=rng.uniform(0.1, 0.35))
+    stuff_labels = None
+    if stuff:
+        canvas, stuff_labels = _stuff_background(seed, split_salt, index, h, w)
     n_objects = int(rng.integers(1, 7))
-    full_masks: List[np.ndarray] = []
+    full_masks: List[Tuple[np.ndarray, str]] = []
     for _ in range(n_objects):
-        m = _shape_mask(rng, h, w).astype(bool)
+        m, shape = _shape_mask(rng, h, w)
+        m = m.astype(bool)
         if m.sum() < MIN_VISIBLE_AREA:
             continue
         # Object colours are pushed away from the background so objects are discoverable.
@@ -133,22 +180,29 @@ def _render_scene(seed: int, split: str, index: int, size_range: Tuple[int, int]
         fill = _texture(rng, h, w, color.astype(np.float32), strength=0.3) if rng.random() < 0.5 \
             else np.broadcast_to(color, (h, w, 3))
         canvas[m] = fill[m]
-        full_masks.append(m)
-    visible: List[np.ndarray] = []
+        full_masks.append((m, shape))
+    visible: List[Tuple[np.ndarray, str]] = []
     occluder = np.zeros((h, w), bool)
-    for m in reversed(full_masks):  # later objects are on top
+    for m, shape in reversed(full_masks):  # later objects are on top
         vis = m & ~occluder
         occluder |= m
         if vis.sum() >= MIN_VISIBLE_AREA:
-            visible.append(vis)
+            visible.append((vis, shape))
     visible.reverse()
     if not visible:  # guarantee one object: a centred ellipse drawn on top
         m = np.zeros((h, w), np.uint8)
         cv2.ellipse(m, (w // 2, h // 2), (w // 5, h // 6), 0, 0, 360, 1, -1)
         m = m.astype(bool)
         canvas[m] = (bg_base + 100) % 256
-        visible = [m]
-    return canvas, visible
+        visible = [(m, "ellipse")]
+    return canvas, [m for m, _ in visible], [shape for _, shape in visible], stuff_labels
+
+
+def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
+                 ) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """:func:`render_scene` without the shape names: ``(image, visible masks)``."""
+    image, masks, _ = render_scene(seed, split, index, size_range)
+    return image, masks
 
 
 @dataclass(frozen=True)
@@ -212,45 +266,47 @@ def _add_parts(rng: np.random.Generator, canvas: np.ndarray, objects: List[np.nd
 
 def render_image_with_parts(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
                             ) -> Tuple[np.ndarray, List[np.ndarray], List[Part]]:
-    """Image ``index`` of ``split`` with inner parts: the scene of :func:`render_image` plus parts.
+    """Image ``index`` of ``split`` with inner parts: the scene of :func:`render_scene` plus parts.
 
     Returns:
         image: ``(H, W, 3)`` uint8 RGB.
         objects: visible ``(H, W)`` bool object masks (parts included), as :func:`render_image` returns them.
         parts: the visible parts, containers before their spots.
     """
-    canvas, visible = _render_scene(seed, split, index, size_range)
+    canvas, visible, _, _ = _render_canvas(seed, split, index, size_range, stuff=False)
     parts = _add_parts(np.random.default_rng([seed, _split_salt(split), index, PARTS_STREAM]), canvas, visible)
-    return np.clip(canvas, 0, 255).round().astype(np.uint8), visible, parts
+    return _to_uint8(canvas), visible, parts
 
 
 def mask_to_annotation(mask: np.ndarray, ann_id: int, image_id: int) -> Dict:
     """COCO annotation dict (RLE with string counts, XYWH bbox and area from the mask)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
+    rle = encode_masks(mask[None])[0]
     return {
         "id": ann_id, "image_id": image_id, "category_id": CATEGORY["id"], "iscrowd": 0,
-        "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-        "segmentation": rle,
+        "area": rle_area(rle), "bbox": rle_to_bbox(rle), "segmentation": rle,
     }
 
 
 def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int = 0, split: str = "train",
                          size_range: Tuple[int, int] = (160, 384), parts: bool = False) -> SplitPaths:
-    """Write ``num_images`` PNGs to ``out_dir/images`` and COCO ground truth to ``out_dir/annotations.json``.
+    """Write ``num_images`` PNGs to ``out_dir/images`` and COCO ground truth to ``out_dir/annotations.json``
+    (one category) and, without ``parts``, ``out_dir/annotations_shapes.json`` (the shape classes, same
+    annotation ids). With ``parts`` the images have inner parts and the annotations carry ``level`` and
+    ``parent`` (see the module docstring).
 
-    The JSON is written last (atomically), so its presence means the split is complete. With ``parts`` the
-    images have inner parts and the annotations carry ``level`` and ``parent`` (see the module docstring).
+    The JSONs are written last (atomically, the one-category file last), so its presence means the split is
+    complete.
     """
     out_dir = Path(out_dir)
     image_root = out_dir / "images"
     image_root.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images, annotations, shape_ids = [], [], []
     for i in range(num_images):
         if parts:
             image, masks, inner = render_image_with_parts(seed, split, i, size_range)
+            shapes = []
         else:
-            image, masks = render_image(seed, split, i, size_range)
+            image, masks, shapes = render_scene(seed, split, i, size_range)
         file_name = f"{split}_{i:06d}.png"
         ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         if not ok:
@@ -261,6 +317,7 @@ def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int 
         first = len(annotations) + 1
         for m in masks:
             annotations.append(mask_to_annotation(m, len(annotations) + 1, image_id))
+        shape_ids.extend(SHAPES.index(shape) + 1 for shape in shapes)
         if parts:
             for ann in annotations[first - 1:]:
                 ann.update(level=0, parent=None)
@@ -274,12 +331,13 @@ def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int 
             "generator_version": GENERATOR_VERSION, "seed": seed, "size_range": list(size_range)}
     if parts:
         info["parts"] = True
-    coco = {
-        "info": info,
-        "images": images, "annotations": annotations, "categories": [CATEGORY],
-    }
+    else:
+        shapes_info = dict(info, description=f"cutler synthetic dataset, split {split}, shape classes")
+        atomic_write_json(out_dir / SHAPES_JSON, {
+            "info": shapes_info, "images": images, "categories": SHAPE_CATEGORIES,
+            "annotations": [dict(a, category_id=c) for a, c in zip(annotations, shape_ids)]})
     json_file = out_dir / "annotations.json"
-    atomic_write_json(json_file, coco)
+    atomic_write_json(json_file, {"info": info, "images": images, "annotations": annotations, "categories": [CATEGORY]})
     return SplitPaths(image_root, json_file)
 
 
@@ -296,6 +354,7 @@ def _split_is_current(paths: SplitPaths, num_images: int, seed: int, size_range:
     return (meta.get("generator_version") == GENERATOR_VERSION and meta.get("seed") == seed
             and meta.get("size_range") == list(size_range) and len(info.get("images", [])) == num_images
             and bool(meta.get("parts", False)) == parts
+            and (parts or (paths.json_file.parent / SHAPES_JSON).is_file())
             and all((paths.image_root / im["file_name"]).is_file() for im in info["images"]))
 
 
@@ -322,6 +381,84 @@ def ensure_synthetic_dataset(root: Optional[os.PathLike | str] = None, num_train
         paths = SplitPaths(split_dir / "images", split_dir / "annotations.json")
         if not _split_is_current(paths, n, seed, size_range, parts):
             paths = make_synthetic_split(split_dir, n, seed=seed, split=split, size_range=size_range, parts=parts)
+        out[split] = paths
+    return out
+
+
+PANOPTIC_JSON = "panoptic.json"
+
+
+def panoptic_categories() -> List[Dict]:
+    """The panoptic variant's categories: the shapes (things, ids 1..5), then the stuff classes (6..8)."""
+    things = [dict(c, isthing=1) for c in SHAPE_CATEGORIES]
+    stuff = [{"id": len(SHAPES) + i + 1, "name": name, "supercategory": "stuff", "isthing": 0}
+             for i, name in enumerate(STUFF_CLASSES)]
+    return things + stuff
+
+
+def make_synthetic_panoptic_split(out_dir: os.PathLike | str, num_images: int, seed: int = 0, split: str = "train",
+                                  size_range: Tuple[int, int] = (160, 384)) -> SplitPaths:
+    """The panoptic variant of a split (objects in front of sky / ground / water): ``images/``, instance ground
+    truth as :func:`make_synthetic_split` writes it, and COCO panoptic ground truth (``panoptic.json`` +
+    ``panoptic/<stem>.png``) plus a semantic map per image (``semantic/<stem>.png``: category id - 1, 255 void).
+    ``panoptic.json`` is written last: its presence means the split is complete."""
+    from cutler.u2seg.panoptic import encode_png, segments_from_ids, write_panoptic_png
+
+    out_dir = Path(out_dir)
+    image_root = out_dir / "images"
+    image_root.mkdir(parents=True, exist_ok=True)
+    images, annotations, shape_ids, pan_anns = [], [], [], []
+    for i in range(num_images):
+        image, masks, shapes, stuff = render_panoptic_scene(seed, split, i, size_range)
+        stem = f"{split}_{i:06d}"
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise RuntimeError(f"PNG encoding failed for {stem}.png")
+        atomic_write_bytes(image_root / f"{stem}.png", buf.tobytes())
+        image_id = i + 1
+        images.append({"id": image_id, "file_name": f"{stem}.png", "height": image.shape[0], "width": image.shape[1]})
+        ids = np.zeros(stuff.shape, np.int64)
+        cats = {}
+        for k, (m, shape) in enumerate(zip(masks, shapes)):
+            annotations.append(mask_to_annotation(m, len(annotations) + 1, image_id))
+            shape_ids.append(SHAPES.index(shape) + 1)
+            ids[m] = k + 1
+            cats[k + 1] = SHAPES.index(shape) + 1
+        for j in range(1, len(STUFF_CLASSES) + 1):
+            free = (stuff == j) & (ids == 0)
+            if free.any():
+                ids[free] = len(cats) + 1
+                cats[len(cats) + 1] = len(SHAPES) + j
+        write_panoptic_png(out_dir / "panoptic" / f"{stem}.png", ids)
+        sem = np.full(ids.shape, 255, np.uint8)
+        for sid, c in cats.items():
+            sem[ids == sid] = c - 1
+        atomic_write_bytes(out_dir / "semantic" / f"{stem}.png", encode_png(sem))
+        pan_anns.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments_from_ids(ids, cats)})
+    info = {"description": f"cutler synthetic panoptic dataset, split {split}",
+            "generator_version": GENERATOR_VERSION, "seed": seed, "size_range": list(size_range)}
+    atomic_write_json(out_dir / SHAPES_JSON, {"info": info, "images": images, "categories": SHAPE_CATEGORIES,
+                                              "annotations": [dict(a, category_id=c) for a, c in zip(annotations, shape_ids)]})
+    json_file = out_dir / "annotations.json"
+    atomic_write_json(json_file, {"info": info, "images": images, "annotations": annotations, "categories": [CATEGORY]})
+    atomic_write_json(out_dir / PANOPTIC_JSON, {"info": info, "images": images, "annotations": pan_anns,
+                                                "categories": panoptic_categories()})
+    return SplitPaths(image_root, json_file)
+
+
+def ensure_synthetic_panoptic_dataset(root: Optional[os.PathLike | str] = None, num_train: int = 24, num_val: int = 8,
+                                      seed: int = 0, size_range: Tuple[int, int] = (160, 384)) -> Dict[str, SplitPaths]:
+    """Generate (or reuse) ``root/synthetic_panoptic/{train,val}`` (catalog names ``synthetic_panoptic_train`` /
+    ``synthetic_panoptic_val``); see :func:`make_synthetic_panoptic_split`."""
+    from cutler.data.catalog import default_datasets_root
+
+    base = Path(root) if root is not None else default_datasets_root()
+    out = {}
+    for split, n in (("train", num_train), ("val", num_val)):
+        split_dir = base / "synthetic_panoptic" / split
+        paths = SplitPaths(split_dir / "images", split_dir / "annotations.json")
+        if not (_split_is_current(paths, n, seed, size_range) and (split_dir / PANOPTIC_JSON).is_file()):
+            paths = make_synthetic_panoptic_split(split_dir, n, seed=seed, split=split, size_range=size_range)
         out[split] = paths
     return out
 

@@ -8,10 +8,12 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from cutler.checkpoint import Checkpointer
+from cutler.evaluation import evaluate_dataset
+from cutler.modeling.build import build_model_with_weights
 from cutler.utils.logging import get_logger, setup_logger
 
-from .checkpointer import Checkpointer
-from .trainer import default_model_builder, train
+from .trainer import train
 
 logger = get_logger(__name__)
 
@@ -20,13 +22,7 @@ TINY_CONFIG = "tiny/synthetic_cascade.yaml"
 
 def default_evaluator(cfg) -> Optional[Callable[[nn.Module, object], Dict[str, float]]]:
     """``evaluate(model, cfg)`` over ``cfg.datasets.test`` with :func:`cutler.evaluation.evaluate_dataset`,
-    flattened to ``{"<dataset>/<bbox|segm>/<metric>": value}``; None when ``cutler.evaluation`` does not
-    provide it or no test set is configured."""
-    try:
-        from cutler.evaluation import evaluate_dataset
-    except ImportError:
-        logger.warning("cutler.evaluation.evaluate_dataset is not available: training without evaluation")
-        return None
+    flattened to ``{"<dataset>/<bbox|segm>/<metric>": value}``; None when no test set is configured."""
     if not list(cfg.datasets.test):
         return None
 
@@ -43,19 +39,16 @@ def default_evaluator(cfg) -> Optional[Callable[[nn.Module, object], Dict[str, f
     return evaluate
 
 
-def build_eval_model(cfg) -> nn.Module:
-    """The detector for ``--eval-only``: ``model.weights`` if set, else the run's last checkpoint."""
-    from cutler.utils.device import resolve_device
-
-    device = resolve_device(str(cfg.model.device))
-    model = default_model_builder(cfg, device)
-    if not cfg.model.weights:
-        path = Checkpointer(cfg.output_dir).last_checkpoint()
-        if path is None:
-            raise FileNotFoundError(f"--eval-only: model.weights is empty and {cfg.output_dir} holds no checkpoint")
-        model.load_state_dict(Checkpointer.load(path)["model"])
-        logger.info("evaluating %s", path)
-    return model.eval()
+def eval_only_model(cfg) -> nn.Module:
+    """The detector for ``--eval-only``, in eval mode: ``model.weights`` if set (loaded as the trainer loads
+    initial weights), else the run's last checkpoint, which must fit the model exactly."""
+    if cfg.model.weights:
+        return build_model_with_weights(cfg, cfg.model.weights, "skip_mismatched").eval()
+    path = Checkpointer(cfg.output_dir).last_checkpoint()
+    if path is None:
+        raise FileNotFoundError(f"--eval-only: model.weights is empty and {cfg.output_dir} holds no checkpoint")
+    logger.info("evaluating %s", path)
+    return build_model_with_weights(cfg, path, "exact").eval()
 
 
 def ensure_builtin_data(cfg) -> None:
@@ -78,9 +71,9 @@ def train_net_main(args: argparse.Namespace):
     if args.eval_only:
         evaluate = default_evaluator(cfg)
         if evaluate is None:
-            raise RuntimeError("--eval-only needs cutler.evaluation.evaluate_dataset and datasets.test")
+            raise RuntimeError("--eval-only needs datasets.test")
         with torch.no_grad():
-            results = evaluate(build_eval_model(cfg), cfg)
+            results = evaluate(eval_only_model(cfg), cfg)
         logger.info("results: %s", results)
         return results
     return train(cfg, resume=args.resume, evaluate=default_evaluator(cfg) if int(cfg.test.eval_period) > 0 else None)

@@ -41,12 +41,34 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def _init_and_run(main_func: Callable, args: Sequence[Any], backend: str, init_method: str, world_size: int,
-                  rank: int, local_rank: int, timeout: timedelta):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank)})
+def _init_process_group(backend: str, local_rank: int, timeout: timedelta, init_method: str = "env://",
+                        world_size: int = -1, rank: int = -1) -> None:
+    """Join the process group (``-1``: world size and rank from the environment), pinning this rank to its GPU
+    under NCCL."""
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank, timeout=timeout)
+
+
+def init_distributed_from_env(timeout_minutes: float = 180.0) -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE > 1``) for work that is not :func:`launch`\\ ed
+    (evaluation tools), pinning this rank to its GPU; NCCL on CUDA, else Gloo.
+
+    The long timeout covers rank 0 evaluating a large benchmark (Objects365) while the other ranks already wait
+    at the next dataset's barrier. Returns whether a group is active.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    _init_process_group(default_backend(), int(os.environ.get("LOCAL_RANK", "0")), timedelta(minutes=timeout_minutes))
+    return True
+
+
+def _init_and_run(main_func: Callable, args: Sequence[Any], backend: str, init_method: str, world_size: int,
+                  rank: int, local_rank: int, timeout: timedelta):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank)})
+    _init_process_group(backend, local_rank, timeout, init_method, world_size, rank)
     try:
         dist.barrier()
         return main_func(*args)

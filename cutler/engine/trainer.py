@@ -31,15 +31,16 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
+from cutler.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from cutler.config import save_config
 from cutler.data.build import build_train_loader
-from cutler.solver import (build_gradient_clipper, build_lr_scheduler, build_optimizer, maybe_convert_sync_batchnorm,
-                           update_bn_stats)
+from cutler.modeling.build import amp_dtype_from_cfg, build_model_with_weights
+from cutler.solver import (build_gradient_clipper, build_lr_scheduler, build_optimizer, load_lr_scheduler_state,
+                           maybe_convert_sync_batchnorm, update_bn_stats)
 from cutler.utils.device import resolve_device
 from cutler.utils.logging import get_logger, get_rank, get_world_size, setup_logger
 from cutler.utils.seed import seed_everything
 
-from .checkpointer import Checkpointer, capture_rng_state, restore_rng_state
 from .events import IterationTimer, MetricsWriter, format_console_line
 from .scaling import auto_scale_workers
 
@@ -64,21 +65,6 @@ class NonFiniteLossError(FloatingPointError):
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def default_model_builder(cfg, device: torch.device) -> nn.Module:
-    """``cutler.modeling.build.build_model`` on ``device``, initial weights from ``cfg.model.weights``."""
-    from cutler.modeling.build import build_model
-
-    model = build_model(cfg, device=str(device))
-    if cfg.model.weights:
-        from cutler.modeling.checkpoint import load_weights
-
-        # Shape mismatches (a predictor with another num_classes, e.g. COCO fine-tuning from a 1-class
-        # CutLER model) keep their fresh initialisation, as Detectron2's checkpointer does.
-        result = load_weights(model, str(cfg.model.weights), skip_mismatch=True)
-        logger.info("initial weights from %s: %s", cfg.model.weights, result)
-    return model
 
 
 def move_to_device(inputs: List[Dict], device: torch.device) -> List[Dict]:
@@ -151,7 +137,10 @@ class Trainer:
             logger.info("seed %d, %d process(es), device %s", self.seed, self.world_size, self.device)
             save_config(cfg, self.output_dir / "config.yaml")
 
-        builder = model_builder or (lambda c: default_model_builder(c, self.device))
+        # Initial weights: shape mismatches (a predictor with another num_classes, e.g. COCO fine-tuning from a
+        # 1-class CutLER model) keep their fresh initialisation, as Detectron2's checkpointer does.
+        builder = model_builder or (lambda c: build_model_with_weights(c, c.model.weights, "skip_mismatched",
+                                                                       device=self.device))
         model = builder(cfg).to(self.device)
         model = maybe_convert_sync_batchnorm(model, cfg, self.world_size, self.device)
         self.optimizer = build_optimizer(cfg, model)
@@ -180,8 +169,6 @@ class Trainer:
         return device
 
     def _amp_dtype(self) -> Optional[torch.dtype]:
-        from cutler.modeling.build import amp_dtype_from_cfg
-
         dtype = amp_dtype_from_cfg(self.cfg)
         if dtype is None:
             return None
@@ -220,7 +207,7 @@ class Trainer:
         ckpt = Checkpointer.load(path)
         unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        load_lr_scheduler_state(self.scheduler, ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_iter = int(ckpt["iteration"])
@@ -398,8 +385,8 @@ def train(cfg, resume: bool = False, evaluate: Optional[EvaluateFn] = None,
             stopped: model, optimizer, scheduler, scaler, RNG and data position); otherwise start afresh.
         evaluate: ``evaluate(model, cfg) -> {metric: value}``, run on rank 0 every ``test.eval_period``
             iterations and at the end (None: no evaluation).
-        model_builder: ``model_builder(cfg) -> nn.Module`` (default: ``cutler.modeling.build.build_model``
-            with ``cfg.model.weights`` loaded).
+        model_builder: ``model_builder(cfg) -> nn.Module`` (default: the detector of ``cfg`` with
+            ``cfg.model.weights`` loaded, :func:`cutler.modeling.build.build_model_with_weights`).
 
     Raises:
         NonFiniteLossError: a NaN/Inf loss under ``solver.nan_policy=stop``.

@@ -1,8 +1,9 @@
-"""Class-agnostic COCO evaluation (boxes and masks) with pycocotools semantics.
+"""COCO evaluation (boxes and masks) with pycocotools semantics, class-agnostic or per category.
 
-Zero-shot protocol (``shared/spec/selftrain_and_eval.md``): every ground-truth category is mapped to one
+Zero-shot protocol (CutLER's): every ground-truth category is mapped to one
 class ("object"), every prediction is set to that class, and COCO AP/AR are computed with at most
-``max_dets`` detections per image.
+``max_dets`` detections per image. :func:`evaluate_coco_detailed` also evaluates per category (U2Seg's
+matched evaluation) and reports each category's AP/AR.
 
 Ground-truth conventions:
 
@@ -24,12 +25,13 @@ import io
 import json
 import math
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from ..structures.rle import rle_area, rle_to_bbox, segmentation_to_rle
 
 AGNOSTIC_CATEGORY_ID = 1
 AGNOSTIC_CATEGORY = {"id": AGNOSTIC_CATEGORY_ID, "name": "object", "supercategory": "object"}
@@ -56,19 +58,9 @@ def load_json(source: JsonLike) -> Dict[str, Any]:
 def _ann_area(ann: Mapping[str, Any], height: Optional[int], width: Optional[int]) -> float:
     seg = ann.get("segmentation")
     if seg and height and width:
-        return float(mask_util.area(_segmentation_to_rle(seg, height, width)))
+        return rle_area(segmentation_to_rle(seg, height, width))
     x, y, w, h = ann["bbox"]
     return float(w) * float(h)
-
-
-def _segmentation_to_rle(seg: Any, height: int, width: int) -> Dict[str, Any]:
-    """Polygon list, uncompressed RLE or compressed RLE -> compressed RLE of an ``height x width`` image."""
-    if isinstance(seg, list):
-        rles = mask_util.frPyObjects(seg, height, width)
-        return mask_util.merge(rles)
-    if isinstance(seg.get("counts"), list):
-        return mask_util.frPyObjects(seg, height, width)
-    return seg
 
 
 def to_class_agnostic(gt: JsonLike) -> Dict[str, Any]:
@@ -79,6 +71,12 @@ def to_class_agnostic(gt: JsonLike) -> Dict[str, Any]:
     known, else box area), and annotation ids are renumbered 1..N when absent or duplicated.
     The input is not modified.
     """
+    return normalize_gt(gt, class_agnostic=True)
+
+
+def normalize_gt(gt: JsonLike, class_agnostic: bool) -> Dict[str, Any]:
+    """:func:`to_class_agnostic`, or with ``class_agnostic=False`` the same clean-up keeping every
+    annotation's category and the category list."""
     data = load_json(gt)
     for key in ("images", "annotations"):
         if key not in data:
@@ -89,14 +87,15 @@ def to_class_agnostic(gt: JsonLike) -> Dict[str, Any]:
     renumber = any(i is None for i in ids) or len(set(ids)) != len(ids)
     for k, ann in enumerate(data["annotations"]):
         a = dict(ann)
-        a["category_id"] = AGNOSTIC_CATEGORY_ID
+        if class_agnostic:
+            a["category_id"] = AGNOSTIC_CATEGORY_ID
         a["iscrowd"] = int(bool(a.get("iscrowd", 0)) or bool(a.get("ignore", 0)))
         a.pop("ignore", None)
         if "bbox" not in a:
             if not a.get("segmentation"):
                 raise EvaluationInputError(f"annotation {a.get('id')} has neither bbox nor segmentation")
             h, w = sizes.get(a["image_id"], (None, None))
-            a["bbox"] = [float(v) for v in mask_util.toBbox(_segmentation_to_rle(a["segmentation"], h, w))]
+            a["bbox"] = rle_to_bbox(segmentation_to_rle(a["segmentation"], h, w))
         if "area" not in a:
             a["area"] = _ann_area(a, *sizes.get(a["image_id"], (None, None)))
         if renumber:
@@ -104,7 +103,7 @@ def to_class_agnostic(gt: JsonLike) -> Dict[str, Any]:
         anns.append(a)
     out = {k: v for k, v in data.items() if k not in ("annotations", "categories")}
     out["annotations"] = anns
-    out["categories"] = [dict(AGNOSTIC_CATEGORY)]
+    out["categories"] = [dict(AGNOSTIC_CATEGORY)] if class_agnostic else copy.deepcopy(data.get("categories", []))
     return out
 
 
@@ -146,15 +145,17 @@ def check_result_image_ids(results: Sequence[Mapping[str, Any]], gt: COCO) -> No
         )
 
 
-def _results_coco(gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str) -> COCO:
+def _results_coco(gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str, class_agnostic: bool = True) -> COCO:
     """The detections as a ``COCO`` object, built like ``COCO.loadRes`` but also for an empty list.
 
     For ``segm`` the area is the mask area and ``bbox`` is dropped first, as Detectron2 does, so that a
-    detection falls into the small/medium/large range of its mask rather than of its box.
+    detection falls into the small/medium/large range of its mask rather than of its box. Detections keep
+    their ``category_id`` unless ``class_agnostic``.
     """
     anns = []
     for k, r in enumerate(results):
-        a = {"id": k + 1, "image_id": r["image_id"], "category_id": AGNOSTIC_CATEGORY_ID,
+        a = {"id": k + 1, "image_id": r["image_id"],
+             "category_id": AGNOSTIC_CATEGORY_ID if class_agnostic else r["category_id"],
              "score": float(r["score"]), "iscrowd": 0}
         if iou_type == "bbox":
             x, y, w, h = (float(v) for v in r["bbox"])
@@ -165,10 +166,10 @@ def _results_coco(gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str)
             if seg is None:
                 raise EvaluationInputError(f"segm evaluation: detection {k} (image {r['image_id']}) has no segmentation")
             img = gt.imgs[r["image_id"]]
-            rle = _segmentation_to_rle(seg, img.get("height"), img.get("width"))
+            rle = segmentation_to_rle(seg, img.get("height"), img.get("width"))
             a["segmentation"] = rle
-            a["area"] = float(mask_util.area(rle))
-            a["bbox"] = [float(v) for v in mask_util.toBbox(rle)]
+            a["area"] = rle_area(rle)
+            a["bbox"] = rle_to_bbox(rle)
         anns.append(a)
     return build_coco({"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
                        "annotations": anns})
@@ -237,23 +238,70 @@ def evaluate_coco(
         EvaluationInputError: predictions for image ids the ground truth lacks, or ``segm`` requested
         for detections without masks.
     """
-    gt_coco = gt if isinstance(gt, COCO) and _is_agnostic(gt) else load_class_agnostic_gt(gt)
+    return evaluate_coco_detailed(gt, results, iou_types, max_dets, class_agnostic=True)[0]
+
+
+def evaluate_coco_detailed(
+    gt: Union[JsonLike, COCO],
+    results: Union[JsonLike, Sequence[Mapping[str, Any]]],
+    iou_types: Iterable[str] = IOU_TYPES,
+    max_dets: int = 100,
+    class_agnostic: bool = True,
+) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Dict[int, Dict[str, float]]]]:
+    """COCO AP/AR, class-agnostic (:func:`evaluate_coco`) or per category, with per-category figures.
+
+    Args:
+        gt, results, iou_types, max_dets: as :func:`evaluate_coco`.
+        class_agnostic: False keeps the categories of ``gt`` and of the detections (``category_id`` must
+            then be one of ``gt``'s): the summary is the mean over categories with ground truth, as COCO's.
+
+    Returns:
+        ``(summary, per_category)``: ``summary`` as :func:`evaluate_coco`; ``per_category[iou_type][cat_id]``
+        = ``{"AP", "AP50", "AR100"}`` in % (``nan`` for a category without ground truth).
+    """
+    if class_agnostic:
+        gt_coco = gt if isinstance(gt, COCO) and _is_agnostic(gt) else load_class_agnostic_gt(gt)
+    else:
+        gt_coco = build_coco(normalize_gt(gt.dataset if isinstance(gt, COCO) else gt, class_agnostic=False))
     results = load_results(results)
     check_result_image_ids(results, gt_coco)
+    if not class_agnostic:
+        known = set(gt_coco.getCatIds())
+        unknown = sorted({r["category_id"] for r in results} - known)
+        if unknown:
+            raise EvaluationInputError(f"{len(unknown)} category id(s) in the predictions are not ground-truth "
+                                       f"categories (first: {unknown[:5]}; ground truth has {len(known)})")
     results = _top_k_per_image(results, max_dets)
     out: Dict[str, Dict[str, float]] = {}
+    per_category: Dict[str, Dict[int, Dict[str, float]]] = {}
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
         gt_i = _with_box_masks(gt_coco) if iou_type == "segm" else gt_coco
-        dt_coco = _results_coco(gt_i, results, iou_type)
+        dt_coco = _results_coco(gt_i, results, iou_type, class_agnostic)
         E = COCOeval(gt_i, dt_coco, iou_type)
         E.params.maxDets = [1, 10, int(max_dets)]
         with contextlib.redirect_stdout(io.StringIO()):
             E.evaluate()
             E.accumulate()
         out[iou_type] = _summarize(E)
-    return out
+        per_category[iou_type] = _per_category(E)
+    return out, per_category
+
+
+def _per_category(E: COCOeval) -> Dict[int, Dict[str, float]]:
+    """``{cat_id: {"AP", "AP50", "AR100"}}`` (%) from an accumulated ``COCOeval`` (area "all", last maxDets)."""
+    p = E.params
+    precision, recall = E.eval["precision"], E.eval["recall"]  # [T,R,K,A,M], [T,K,A,M]
+    a, m = p.areaRngLbl.index("all"), len(p.maxDets) - 1
+    t50 = np.where(np.isclose(p.iouThrs, 0.5))[0]
+
+    def mean(values: np.ndarray) -> float:
+        values = values[values > -1]
+        return float(np.mean(values)) * 100.0 if values.size else math.nan
+
+    return {int(cat): {"AP": mean(precision[:, :, k, a, m]), "AP50": mean(precision[t50, :, k, a, m]),
+                       "AR100": mean(recall[:, k, a, m])} for k, cat in enumerate(p.catIds)}
 
 
 def _with_box_masks(gt: COCO) -> COCO:

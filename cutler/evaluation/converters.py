@@ -1,4 +1,5 @@
-"""Converters from the benchmarks' native annotation formats to class-agnostic COCO JSON.
+"""Converters from the benchmarks' native annotation formats to class-agnostic COCO JSON (or, with
+``keep_classes``, COCO JSON keeping the source's categories, for class-aware evaluation such as U2Seg's).
 
 Every converter returns a COCO dict with one category (``{"id": 1, "name": "object"}``), image
 entries with ``file_name`` relative to the dataset's image folder plus ``height``/``width``, and
@@ -20,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from ..utils.image import ImageReadError, image_size
 from ..utils.io import atomic_open
 from ..utils.logging import get_logger
-from .coco_eval import AGNOSTIC_CATEGORY, AGNOSTIC_CATEGORY_ID, to_class_agnostic
+from .coco_eval import AGNOSTIC_CATEGORY, AGNOSTIC_CATEGORY_ID, normalize_gt
 
 logger = get_logger(__name__)
 
@@ -52,11 +53,11 @@ class _Builder:
                                  "category_id": AGNOSTIC_CATEGORY_ID, "bbox": [x0, y0, w, h], "area": w * h,
                                  "iscrowd": int(iscrowd), **extra})
 
-    def result(self, description: str) -> Dict[str, Any]:
+    def result(self, description: str, categories: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
         if self.skipped_boxes:
             logger.warning("%s: skipped %d empty or out-of-image boxes", description, self.skipped_boxes)
         return {"info": {"description": description}, "images": self.images, "annotations": self.annotations,
-                "categories": [dict(AGNOSTIC_CATEGORY)]}
+                "categories": categories or [dict(AGNOSTIC_CATEGORY)]}
 
 
 def write_coco_json(dataset: Mapping[str, Any], path: os.PathLike | str) -> Path:
@@ -74,9 +75,14 @@ def _xml_text(node: ET.Element, tag: str, default: Optional[str] = None) -> Opti
     return child.text.strip() if child is not None and child.text is not None else default
 
 
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
 def convert_voc(root: os.PathLike | str, splits: Sequence[str] = ("trainval",), difficult: str = "keep",
-                image_dir: str = "JPEGImages", image_ext: str = ".jpg") -> Dict[str, Any]:
-    """Pascal VOC-style XML annotations -> class-agnostic COCO.
+                image_dir: str = "JPEGImages", image_ext: str = ".jpg", keep_classes: bool = False) -> Dict[str, Any]:
+    """Pascal VOC-style XML annotations -> class-agnostic COCO (or, with ``keep_classes``, the 20 VOC classes
+    as categories 1..20 in VOC order, any other object name after them in sorted order).
 
     Also serves Clipart, Watercolor and Comic (cross-domain-detection), which use the same layout.
 
@@ -106,6 +112,8 @@ def convert_voc(root: os.PathLike | str, splits: Sequence[str] = ("trainval",), 
                 seen.add(stem)
                 ids.append(stem)
     b = _Builder()
+    names: Dict[str, int] = {n: i + 1 for i, n in enumerate(VOC_CLASSES)}
+    found: List[Tuple[int, str]] = []  # (annotation index, class name)
     for stem in ids:
         xml_path = root / "Annotations" / f"{stem}.xml"
         tree = ET.parse(xml_path).getroot()
@@ -122,9 +130,19 @@ def convert_voc(root: os.PathLike | str, splits: Sequence[str] = ("trainval",), 
                 continue
             bb = obj.find("bndbox")
             xmin, ymin, xmax, ymax = (float(_xml_text(bb, k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            before = len(b.annotations)
             b.add_box(image_id, xmin - 1.0, ymin - 1.0, xmax, ymax,
                       iscrowd=int(is_difficult and difficult == "ignore"))
-    return b.result(f"class-agnostic {root.name} {'+'.join(splits)} (VOC XML)")
+            if keep_classes and len(b.annotations) > before:
+                found.append((before, (_xml_text(obj, "name") or "").strip().lower()))
+    if not keep_classes:
+        return b.result(f"class-agnostic {root.name} {'+'.join(splits)} (VOC XML)")
+    for extra in sorted({n for _, n in found} - set(names)):
+        names[extra] = len(names) + 1
+    for k, name in found:
+        b.annotations[k]["category_id"] = names[name]
+    categories = [{"id": i, "name": n, "supercategory": "object"} for n, i in names.items()]
+    return b.result(f"{root.name} {'+'.join(splits)} (VOC XML, classes kept)", categories)
 
 
 # ------------------------------------------------------------------------------------------- KITTI
@@ -227,12 +245,14 @@ def _file_name(img: Mapping[str, Any], mode: str) -> str:
 
 
 def convert_coco_style(source: os.PathLike | str | Mapping[str, Any], file_names: str = "keep",
-                       image_list: Optional[Iterable[str]] = None, drop_empty_images: bool = False
-                       ) -> Dict[str, Any]:
+                       image_list: Optional[Iterable[str]] = None, drop_empty_images: bool = False,
+                       keep_classes: bool = False, drop_categories: Sequence[str] = ()) -> Dict[str, Any]:
     """A COCO-format JSON with many categories (Objects365 v2, LVIS v1, UVO, COCO) -> class-agnostic.
 
     Masks, ``iscrowd`` and ``ignore`` flags are kept (``ignore`` becomes ``iscrowd``, see
     :func:`~cutler.evaluation.coco_eval.to_class_agnostic`); boxes with no area are dropped.
+    With ``keep_classes`` the categories are kept, less those named in ``drop_categories`` (case-insensitive;
+    e.g. UVO's "other", which U2Seg's evaluation removes) and their annotations.
 
     Args:
         source: path or dict.
@@ -241,7 +261,12 @@ def convert_coco_style(source: os.PathLike | str | Mapping[str, Any], file_names
         image_list: keep only these images, matched by base file name (e.g. the 19,817 COCO20K names).
         drop_empty_images: drop images without annotations (the benchmarks keep them: default False).
     """
-    data = to_class_agnostic(source)
+    data = normalize_gt(source, class_agnostic=not keep_classes)
+    if keep_classes and drop_categories:
+        dropped_names = {n.lower() for n in drop_categories}
+        gone = {c["id"] for c in data["categories"] if str(c.get("name", "")).lower() in dropped_names}
+        data["categories"] = [c for c in data["categories"] if c["id"] not in gone]
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] not in gone]
     images = data["images"]
     if image_list is not None:
         wanted = {os.path.basename(n.strip()) for n in image_list if n.strip()}
@@ -266,5 +291,6 @@ def convert_coco_style(source: os.PathLike | str | Mapping[str, Any], file_names
         images = [img for img in images if img["id"] in with_anns]
     images = [{**img, "file_name": _file_name(img, file_names)} for img in images]
     # original ids are kept: results and other tools may refer to them
-    return {"info": {"description": "class-agnostic conversion of a COCO-style JSON"}, "images": images,
-            "annotations": anns, "categories": [dict(AGNOSTIC_CATEGORY)]}
+    description = "COCO-style JSON, classes kept" if keep_classes else "class-agnostic conversion of a COCO-style JSON"
+    return {"info": {"description": description}, "images": images, "annotations": anns,
+            "categories": data["categories"]}

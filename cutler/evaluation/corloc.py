@@ -9,23 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Sequence, Union
 
-import numpy as np
+import torch
 from pycocotools.coco import COCO
 
+from ..structures.boxes import pairwise_iou, xywh_to_xyxy
 from .coco_eval import JsonLike, check_result_image_ids, load_class_agnostic_gt, load_results
-
-
-def box_iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix ``[N, M]`` of XYWH boxes ``a [N, 4]`` and ``b [M, 4]`` (continuous coordinates)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    ax1, ay1 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
-    bx1, by1 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    iw = np.clip(np.minimum(ax1[:, None], bx1[None]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(ay1[:, None], by1[None]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 def corloc(gt: Union[JsonLike, COCO], results: Union[JsonLike, Sequence[Mapping[str, Any]]],
@@ -55,7 +43,9 @@ def corloc(gt: Union[JsonLike, COCO], results: Union[JsonLike, Sequence[Mapping[
         if image_id not in top:
             n_missing += 1
             continue
-        if (box_iou_xywh(np.asarray([top[image_id]["bbox"]]), np.asarray(boxes)) > iou_thresh).any():
+        top_box = xywh_to_xyxy(torch.tensor([top[image_id]["bbox"]], dtype=torch.float64))
+        gt_boxes = xywh_to_xyxy(torch.tensor(boxes, dtype=torch.float64))
+        if (pairwise_iou(top_box, gt_boxes) > iou_thresh).any():
             n_correct += 1
     return {"corloc": 100.0 * n_correct / n_images if n_images else float("nan"), "num_images": n_images,
             "num_correct": n_correct, "num_without_prediction": n_missing}

@@ -4,14 +4,14 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..utils.image import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image_rgb
 from ..utils.logging import get_logger
-from ..utils.visualization import overlay_instances, save_rgb_png
+from ..utils.visualization import overlay_instances, overlay_panoptic, save_rgb_png
 from .inference import prepare_input
 
 logger = get_logger(__name__)
@@ -42,8 +42,11 @@ def predict(model: Any, image: np.ndarray, min_size: int, max_size: int) -> Dict
 
 
 def run_demo(model: Any, inputs: Sequence[str], output_dir: os.PathLike | str, min_size: int = 800,
-             max_size: int = 1333, confidence: float = 0.5) -> List[Path]:
-    """Write ``<output_dir>/<image stem>.png`` overlays of the detections scoring at least ``confidence``.
+             max_size: int = 1333, confidence: float = 0.5, thing_names: Optional[Dict[int, str]] = None,
+             stuff_names: Optional[Dict[int, str]] = None) -> List[Path]:
+    """Write ``<output_dir>/<image stem>.png`` overlays of the detections scoring at least ``confidence``; for a
+    panoptic model, its panoptic output (stuff coloured per class, things labelled with ``thing_names`` or their
+    cluster id ``class + 1``).
 
     Unreadable images are skipped with a warning. Returns the written paths.
     """
@@ -61,16 +64,27 @@ def run_demo(model: Any, inputs: Sequence[str], output_dir: os.PathLike | str, m
         except ImageReadError as e:
             logger.warning("skipping %s: %s", path, e.reason)
             continue
-        inst = predict(model, image, min_size, max_size)
-        keep = inst["scores"] >= confidence
-        masks = inst["masks"][keep] if "masks" in inst else None
-        vis = overlay_instances(image, masks=masks, boxes=inst["boxes"][keep], scores=inst["scores"][keep].tolist())
+        with torch.inference_mode():
+            result = model([prepare_input(image, min_size, max_size)])[0]
+        if "panoptic_seg" in result:
+            seg, segments = result["panoptic_seg"]
+            shown = [dict(s, category_id=int(s["category_id"]) + 1) if s["isthing"] else s for s in segments]
+            vis = overlay_panoptic(image, seg.cpu().numpy(), shown, thing_names, stuff_names)
+            logger.info("%s: %d things, %d stuff segments", path, sum(s["isthing"] for s in segments),
+                        sum(not s["isthing"] for s in segments))
+        else:
+            inst = {k: v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+                    for k, v in result["instances"].items()}
+            keep = inst["scores"] >= confidence
+            masks = inst["masks"][keep] if "masks" in inst else None
+            vis = overlay_instances(image, masks=masks, boxes=inst["boxes"][keep], scores=inst["scores"][keep].tolist())
+            logger.info("%s: %d of %d detections >= %.2f", path, int(keep.sum()), len(keep), confidence)
         stem = path.stem
         while stem in names:  # same file name from two folders: keep both
             stem += "_"
         names.add(stem)
         out = output_dir / f"{stem}.png"
         save_rgb_png(out, vis)
-        logger.info("%s: %d of %d detections >= %.2f -> %s", path, int(keep.sum()), len(keep), confidence, out)
+        logger.info("-> %s", out)
         written.append(out)
     return written

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..data.catalog import ResolvedDataset, get_dataset
+from ..modeling.build import build_model_with_weights
 from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
 from .coco_eval import evaluate_coco, gt_has_masks, load_json
 from .corloc import corloc
-from .inference import _read_json, get_dist_info, run_inference
+from .inference import _read_json, run_inference
 from .report import json_safe, write_metrics_report
 
 logger = get_logger(__name__)
@@ -47,8 +48,8 @@ def _resolve(cfg: Any, dataset_name: str, output_dir: Optional[os.PathLike | str
     return ds, load_json(ds.json_file), out
 
 
-def _infer(model: Any, cfg: Any, ds: ResolvedDataset, gt: Mapping[str, Any], out: Path, with_masks: bool
-           ) -> Optional[Path]:
+def _infer(model: Any, cfg: Any, ds: ResolvedDataset, gt: Mapping[str, Any], out: Path, with_masks: bool,
+           class_aware: bool = False) -> Optional[Path]:
     """:func:`run_inference` with the settings of ``cfg``."""
     return run_inference(
         model, gt["images"], ds.image_root, out,
@@ -59,6 +60,7 @@ def _infer(model: Any, cfg: Any, ds: ResolvedDataset, gt: Mapping[str, Any], out
         chunk_size=int(_cfg_get(cfg, "eval.chunk_size", 500)),
         max_dets=int(_cfg_get(cfg, "eval.max_dets", 100)),
         with_masks=with_masks,
+        class_aware=class_aware,
         resume=bool(_cfg_get(cfg, "eval.resume", True)),
     )
 
@@ -142,31 +144,20 @@ def evaluate_results_file(results: os.PathLike | str, dataset_name: str, root: O
 
 
 def build_eval_model(cfg: Any, weights: Optional[str] = None, device: Optional[str] = None) -> Any:
-    """The detector of ``cfg`` in eval mode, with ``weights`` (else ``cfg.model.weights``) loaded.
+    """The detector of ``cfg`` in eval mode, with ``weights`` (else ``cfg.model.weights``) loaded; tensors of
+    the file must have the model's shapes.
 
     Without weights the model keeps its random initialisation and a loud warning is logged: useful for
     smoke tests only, the numbers mean nothing.
-
-    Raises:
-        RuntimeError: this checkout has no detector yet (``cutler.modeling.build``).
     """
-    try:
-        from ..modeling.build import build_model
-        from ..modeling.checkpoint import load_weights
-    except ImportError as e:
-        raise RuntimeError(f"the detector (cutler.modeling.build / cutler.modeling.checkpoint) is not available "
-                           f"in this checkout: {e}") from e
-    model = build_model(cfg, device=device)
     path = weights or _cfg_get(cfg, "model.weights", "")
-    if path:
-        load_weights(model, str(path))
-    else:
+    if not path:
         logger.warning("!" * 80)
         logger.warning("NO WEIGHTS GIVEN: the detector is RANDOMLY INITIALISED; its predictions are noise "
                        "(use --weights / model.weights for real results)")
         logger.warning("!" * 80)
-    model.eval()
-    return model
+    return build_model_with_weights(cfg, path, "shapes", device=device).eval()
 
 
-__all__ = ["build_eval_model", "evaluate_corloc_dataset", "DatasetMissingError", "evaluate_dataset", "evaluate_results_file", "get_dist_info", "resolve_available"]
+__all__ = ["build_eval_model", "evaluate_corloc_dataset", "DatasetMissingError", "evaluate_dataset",
+           "evaluate_results_file", "resolve_available"]

@@ -20,14 +20,16 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_util
 
 from ..data.mapper import resize_uint8, shortest_edge_size
+from ..structures.rle import encode_masks
 from ..utils.image import ImageReadError, read_image_rgb
 from ..utils.io import atomic_open, atomic_write_json
 from ..utils.logging import get_logger, get_rank, get_world_size
@@ -56,26 +58,18 @@ def prepare_input(image: np.ndarray, min_size: int, max_size: int) -> Dict[str, 
 
 
 # ----------------------------------------------------------------------------------- result format
-def encode_masks(masks: np.ndarray) -> List[Dict[str, Any]]:
-    """``(N, H, W)`` bool masks -> N compressed RLEs with ``counts`` as str (JSON-ready)."""
-    if len(masks) == 0:
-        return []
-    rles = mask_util.encode(np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
-
-
 def instances_to_coco_results(instances: Mapping[str, Any], image_id: Any, max_dets: int = 100,
-                              with_masks: bool = True, category_id: int = 1) -> List[Dict[str, Any]]:
-    """A model's per-image output -> COCO detection results (class-agnostic).
+                              with_masks: bool = True, category_id: Optional[int] = 1) -> List[Dict[str, Any]]:
+    """A model's per-image output -> COCO detection results.
 
     Args:
-        instances: ``{"boxes": [N,4] XYXY pixels, "scores": [N], "masks": [N,H,W] bool (optional)}``
-            as tensors or arrays, in the original image's pixels.
+        instances: ``{"boxes": [N,4] XYXY pixels, "scores": [N], "masks": [N,H,W] bool (optional),
+            "classes": [N] (with ``category_id=None``)}`` as tensors or arrays, in the original image's pixels.
         image_id: the dataset's image id.
         max_dets: keep the ``max_dets`` highest scores.
         with_masks: also encode ``masks`` as RLE ``segmentation`` (when present).
+        category_id: the category of every detection (class-agnostic); None = each detection's class + 1
+            (class-aware models trained on categories 1..K, such as U2Seg's clusters).
 
     Returns:
         ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation"?}]``.
@@ -88,10 +82,11 @@ def instances_to_coco_results(instances: Mapping[str, Any], image_id: Any, max_d
     order = np.argsort(-scores, kind="stable")[:max_dets]
     masks = instances.get("masks") if with_masks else None
     rles = encode_masks(arr(masks)[order]) if masks is not None else None
+    cats = arr(instances["classes"]).reshape(-1).astype(np.int64) + 1 if category_id is None else None
     out = []
     for j, i in enumerate(order):
         x0, y0, x1, y1 = boxes[i]
-        r = {"image_id": image_id, "category_id": category_id,
+        r = {"image_id": image_id, "category_id": int(cats[i]) if cats is not None else category_id,
              "bbox": [round(float(x0), 3), round(float(y0), 3), round(float(x1 - x0), 3), round(float(y1 - y0), 3)],
              "score": round(float(scores[i]), 5)}
         if rles is not None:
@@ -127,31 +122,6 @@ class ImageListDataset(torch.utils.data.Dataset):
 
 def _collate(batch):
     return batch
-
-
-def get_dist_info() -> Tuple[int, int]:
-    """``(rank, world_size)`` from torch.distributed when initialised, else from torchrun/SLURM env vars."""
-    return get_rank(), get_world_size()
-
-
-def init_distributed_from_env(timeout_minutes: float = 180.0) -> bool:
-    """Join the process group torchrun describes (``WORLD_SIZE > 1``), pinning this rank to its GPU.
-
-    NCCL on CUDA, else Gloo. The long timeout covers rank 0 evaluating a large benchmark (Objects365)
-    while the other ranks already wait at the next dataset's barrier. Returns whether a group is active.
-    """
-    import datetime
-
-    if _dist_ready():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo",
-                                         timeout=datetime.timedelta(minutes=timeout_minutes))
-    return True
 
 
 def _dist_ready() -> bool:
@@ -252,11 +222,13 @@ def _check_settings(output_dir: Path, settings: Dict[str, Any], resume: bool) ->
     path = output_dir / META_FILE
     if resume and path.is_file() and finished_chunks(output_dir):
         old = _read_json(path)
-        bad = [k for k in settings if k != "with_masks" and old.get(k) != settings[k]]
+        # keys of either side: an option recorded only when set (class_aware) must match in both directions
+        keys = list(settings) + [k for k in old if k not in settings]
+        bad = [k for k in keys if k != "with_masks" and old.get(k) != settings.get(k)]
         if settings["with_masks"] and not old.get("with_masks"):
             bad.append("with_masks")
         if bad:
-            changes = ", ".join(f"{k}: {old.get(k)} -> {settings[k]}" for k in bad)
+            changes = ", ".join(f"{k}: {old.get(k)} -> {settings.get(k)}" for k in bad)
             raise ValueError(f"{output_dir} holds results made with other settings ({changes}); use another "
                              f"output folder, or resume=False (eval.resume=false) to start over")
         return bool(old.get("with_masks"))
@@ -265,6 +237,152 @@ def _check_settings(output_dir: Path, settings: Dict[str, Any], resume: bool) ->
 
 
 # ---------------------------------------------------------------------------------------- inference
+@dataclass
+class InferencePlan:
+    """This rank's share of an inference run: which images remain, and what the run settled on."""
+
+    output_dir: Path
+    rank: int
+    world_size: int
+    todo: List[Mapping[str, Any]]  # this rank's images not in a committed chunk, in id order
+    all_ids: set  # every image id of the dataset (the merge waits for all of them)
+    with_masks: bool  # masks are encoded (as the folder's earlier chunks, see _check_settings)
+    class_aware: bool = False  # category_id = predicted class + 1 (settings["class_aware"]), else 1 for all
+
+
+def plan_inference(images: Sequence[Mapping[str, Any]], output_dir: os.PathLike | str, settings: Dict[str, Any],
+                   resume: bool, rank: int, world_size: int) -> InferencePlan:
+    """Prepare ``output_dir`` and list this rank's remaining images.
+
+    Without ``resume``, rank 0 deletes previous chunks first (all ranks wait for it under torch.distributed).
+    Images are sharded by position in the id-sorted list before finished ones are dropped, so ranks agree
+    on their shards without talking.
+
+    Raises:
+        ValueError: duplicate image ids, or chunks made with other ``settings`` (see :func:`_check_settings`).
+    """
+    output_dir = Path(output_dir)
+    (output_dir / "chunks").mkdir(parents=True, exist_ok=True)
+    if not resume and rank == 0:
+        for p in (output_dir / "chunks").iterdir():
+            p.unlink()
+    if _dist_ready() and not resume:
+        torch.distributed.barrier()
+    with_masks = _check_settings(output_dir, settings, resume)
+    ordered = sorted(images, key=lambda im: (str(type(im["id"])), im["id"]))
+    all_ids = {im["id"] for im in ordered}
+    if len(all_ids) != len(ordered):
+        raise ValueError("image ids are not unique")
+    shard = ordered[rank::world_size]
+    done = finished_image_ids(output_dir) if resume else set()
+    todo = [im for im in shard if im["id"] not in done]
+    if len(todo) < len(shard):
+        logger.info("resuming: %d of %d images of shard %d/%d already done", len(shard) - len(todo), len(shard),
+                    rank, world_size)
+    return InferencePlan(output_dir, rank, world_size, todo, all_ids, with_masks,
+                         bool(settings.get("class_aware", False)))
+
+
+class ChunkWriter:
+    """Collects results and commits them as a chunk every ``chunk_size`` images (see the module docstring)."""
+
+    def __init__(self, output_dir: Path, rank: int, chunk_size: int):
+        self.output_dir, self.rank, self.chunk_size = output_dir, rank, chunk_size
+        self.seq = _next_seq(output_dir, rank)
+        self.committed = 0  # images in chunks written by this writer
+        self._ids: List[Any] = []
+        self._results: List[Dict[str, Any]] = []
+        self._failures: List[Dict[str, Any]] = []
+
+    def add(self, image_ids: Sequence[Any], results: Sequence[Dict[str, Any]], failures: Sequence[Dict[str, Any]]
+            ) -> None:
+        """Record a batch (every image id, readable or not); commits once ``chunk_size`` images are held."""
+        self._ids.extend(image_ids)
+        self._results.extend(results)
+        self._failures.extend(failures)
+        if len(self._ids) >= self.chunk_size:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write what is held as the next chunk (nothing when empty)."""
+        if not self._ids:
+            return
+        _write_chunk(self.output_dir, self.rank, self.seq, self._ids, self._results, self._failures)
+        self.seq, self.committed = self.seq + 1, self.committed + len(self._ids)
+        self._ids, self._results, self._failures = [], [], []
+
+
+def predict_batch(model: Callable, batch: Sequence[Dict[str, Any]], max_dets: int, with_masks: bool,
+                  class_aware: bool = False) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """COCO results of the readable images of ``batch`` and failure records of the unreadable ones
+    (``category_id`` = predicted class + 1 when ``class_aware``, else 1)."""
+    good = [b for b in batch if "error" not in b]
+    failures = []
+    for b in batch:
+        if "error" in b:
+            logger.warning("skipping unreadable image %s: %s", b["file_name"], b["error"])
+            failures.append({"image_id": b["image_id"], "file_name": b["file_name"], "reason": b["error"]})
+    results: List[Dict[str, Any]] = []
+    if good:
+        with torch.inference_mode():
+            outputs = model([{k: b[k] for k in ("image", "height", "width")} for b in good])
+        for b, out in zip(good, outputs):
+            results.extend(instances_to_coco_results(out["instances"], b["image_id"], max_dets, with_masks,
+                                                     None if class_aware else 1))
+    return results, failures
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """``model`` in eval mode for the block (a ``torch.nn.Module``'s training flag is restored after)."""
+    was_training = bool(getattr(model, "training", False))
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        yield
+    finally:
+        if isinstance(model, torch.nn.Module):
+            model.train(was_training)
+
+
+def _run_shard(model: Callable, plan: InferencePlan, image_root: os.PathLike | str, *, min_size: int, max_size: int,
+               batch_size: int, num_workers: int, chunk_size: int, max_dets: int, progress: bool) -> int:
+    """The batch loop over ``plan.todo``; returns the number of images committed."""
+    from tqdm import tqdm
+
+    writer = ChunkWriter(plan.output_dir, plan.rank, chunk_size)
+    # one loader for the whole shard (workers start once); a chunk is committed every chunk_size images
+    loader = torch.utils.data.DataLoader(
+        ImageListDataset(plan.todo, image_root, min_size, max_size), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_collate)
+    bar = tqdm(total=len(plan.todo), desc=f"inference {plan.output_dir.name}", disable=not progress or plan.rank != 0)
+    for batch in loader:
+        results, failures = predict_batch(model, batch, max_dets, plan.with_masks, plan.class_aware)
+        writer.add([b["image_id"] for b in batch], results, failures)
+        bar.update(len(batch))
+    writer.commit()
+    bar.close()
+    return writer.committed
+
+
+def finalise_inference(plan: InferencePlan, n_done: int) -> Optional[Path]:
+    """Merge the chunks once every image of the dataset is done (on rank 0 after a barrier under
+    torch.distributed); the merged file, or None while shards are missing (and on ranks other than 0)."""
+    output_dir = plan.output_dir
+    if _dist_ready():
+        torch.distributed.barrier()
+        if plan.rank != 0:
+            return None
+    if finished_image_ids(output_dir) >= plan.all_ids:
+        merged = output_dir / RESULTS_FILE
+        chunks = finished_chunks(output_dir)
+        if n_done == 0 and merged.is_file() and merged.stat().st_mtime >= max(p.stat().st_mtime for p, _ in chunks):
+            return merged  # nothing new since the last merge
+        return merge_chunks(output_dir)
+    logger.info("rank %d finished its shard; other shards are still running (no merge yet)", plan.rank)
+    return None
+
+
 def run_inference(
     model: Callable[[List[Dict[str, Any]]], List[Dict[str, Any]]],
     images: Sequence[Mapping[str, Any]],
@@ -278,6 +396,7 @@ def run_inference(
     chunk_size: int = 500,
     max_dets: int = 100,
     with_masks: bool = True,
+    class_aware: bool = False,
     resume: bool = True,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
@@ -297,6 +416,7 @@ def run_inference(
         chunk_size: images per committed chunk (what a killed run can lose).
         max_dets: detections kept per image (highest scores).
         with_masks: encode predicted masks as RLE.
+        class_aware: each detection's ``category_id`` is its predicted class + 1 (else 1 for all).
         resume: skip images in committed chunks; ``False`` deletes previous chunks first.
         rank, world_size: this process's shard; default from torch.distributed or the environment.
         progress: tqdm bar on rank 0.
@@ -306,82 +426,18 @@ def run_inference(
         rank 0 after a barrier under torch.distributed, otherwise in whichever process finishes last),
         else ``None``.
     """
-    from tqdm import tqdm
-
     if rank is None or world_size is None:
-        rank, world_size = get_dist_info()
-    output_dir = Path(output_dir)
-    (output_dir / "chunks").mkdir(parents=True, exist_ok=True)
-    if not resume and rank == 0:
-        for p in (output_dir / "chunks").iterdir():
-            p.unlink()
-    if _dist_ready() and not resume:
-        torch.distributed.barrier()
-
-    with_masks = _check_settings(output_dir, {"min_size": min_size, "max_size": max_size, "max_dets": max_dets,
-                                 "with_masks": with_masks, "num_images": len(images)}, resume)
-    ordered = sorted(images, key=lambda im: (str(type(im["id"])), im["id"]))
-    all_ids = {im["id"] for im in ordered}
-    if len(all_ids) != len(ordered):
-        raise ValueError("image ids are not unique")
-    shard = ordered[rank::world_size]
-    done = finished_image_ids(output_dir) if resume else set()
-    todo = [im for im in shard if im["id"] not in done]
-    if len(todo) < len(shard):
-        logger.info("resuming: %d of %d images of shard %d/%d already done", len(shard) - len(todo), len(shard),
-                    rank, world_size)
-
-    was_training = bool(getattr(model, "training", False))
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    seq = _next_seq(output_dir, rank)
-    t0, n_done = time.perf_counter(), 0
-    try:
-        # one loader for the whole shard (workers start once); a chunk is committed every chunk_size images
-        loader = torch.utils.data.DataLoader(
-            ImageListDataset(todo, image_root, min_size, max_size), batch_size=batch_size, shuffle=False,
-            num_workers=num_workers, collate_fn=_collate)
-        ids: List[Any] = []
-        results: List[Dict[str, Any]] = []
-        failures: List[Dict[str, Any]] = []
-        bar = tqdm(total=len(todo), desc=f"inference {output_dir.name}", disable=not progress or rank != 0)
-        for batch in loader:
-            good = [b for b in batch if "error" not in b]
-            for b in batch:
-                if "error" in b:
-                    logger.warning("skipping unreadable image %s: %s", b["file_name"], b["error"])
-                    failures.append({"image_id": b["image_id"], "file_name": b["file_name"], "reason": b["error"]})
-            if good:
-                with torch.inference_mode():
-                    outputs = model([{k: b[k] for k in ("image", "height", "width")} for b in good])
-                for b, out in zip(good, outputs):
-                    results.extend(instances_to_coco_results(out["instances"], b["image_id"], max_dets, with_masks))
-            ids.extend(b["image_id"] for b in batch)
-            bar.update(len(batch))
-            if len(ids) >= chunk_size:
-                _write_chunk(output_dir, rank, seq, ids, results, failures)
-                seq, n_done = seq + 1, n_done + len(ids)
-                ids, results, failures = [], [], []
-        if ids:
-            _write_chunk(output_dir, rank, seq, ids, results, failures)
-            n_done += len(ids)
-        bar.close()
-    finally:
-        if isinstance(model, torch.nn.Module):
-            model.train(was_training)
+        rank, world_size = get_rank(), get_world_size()
+    settings = {"min_size": min_size, "max_size": max_size, "max_dets": max_dets, "with_masks": with_masks,
+                "num_images": len(images)}
+    if class_aware:  # recorded only when set, so folders written before the option resume as they were
+        settings["class_aware"] = True
+    plan = plan_inference(images, output_dir, settings, resume, rank, world_size)
+    t0 = time.perf_counter()
+    with _eval_mode(model):
+        n_done = _run_shard(model, plan, image_root, min_size=min_size, max_size=max_size, batch_size=batch_size,
+                            num_workers=num_workers, chunk_size=chunk_size, max_dets=max_dets, progress=progress)
     if n_done:
         dt = time.perf_counter() - t0
         logger.info("rank %d: %d images in %.1fs (%.2f img/s)", rank, n_done, dt, n_done / max(dt, 1e-9))
-
-    if _dist_ready():
-        torch.distributed.barrier()
-        if rank != 0:
-            return None
-    if finished_image_ids(output_dir) >= all_ids:
-        merged = output_dir / RESULTS_FILE
-        chunks = finished_chunks(output_dir)
-        if n_done == 0 and merged.is_file() and merged.stat().st_mtime >= max(p.stat().st_mtime for p, _ in chunks):
-            return merged  # nothing new since the last merge
-        return merge_chunks(output_dir)
-    logger.info("rank %d finished its shard; other shards are still running (no merge yet)", rank)
-    return None
+    return finalise_inference(plan, n_done)

@@ -24,19 +24,18 @@ import cv2
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
+from ..structures.rle import encode_masks, rle_area, rle_to_bbox, rle_to_json, segmentation_to_rle
 from ..utils.logging import get_logger
 from .coco_eval import (
     AGNOSTIC_CATEGORY_ID,
     EvaluationInputError,
     JsonLike,
-    _segmentation_to_rle,
     evaluate_coco,
     gt_has_masks,
     load_class_agnostic_gt,
     load_json,
 )
 from .corloc import corloc
-from .inference import encode_masks
 
 logger = get_logger(__name__)
 SCORE_MODES = ("constant", "area", "field")
@@ -118,16 +117,16 @@ def annotations_to_results(
         r: Dict[str, Any] = {"image_id": gid, "category_id": AGNOSTIC_CATEGORY_ID}
         seg = ann.get("segmentation")
         if seg:
-            rle = _segmentation_to_rle(seg, ph, pw)
+            rle = segmentation_to_rle(seg, ph, pw)
             if (ph, pw) != (H, W) or list(rle["size"]) != [H, W]:
                 m = cv2.resize(mask_util.decode(rle), (W, H), interpolation=cv2.INTER_NEAREST)
                 rle = encode_masks(m[None])[0]
                 resized += 1
-            elif isinstance(rle["counts"], bytes):
-                rle = {**rle, "counts": rle["counts"].decode("ascii")}
+            else:
+                rle = rle_to_json(rle)
             r["segmentation"] = rle
-            area = float(mask_util.area(rle))
-            box = [float(v) for v in mask_util.toBbox(rle)] if (ph, pw) != (H, W) or "bbox" not in ann else ann["bbox"]
+            area = rle_area(rle)
+            box = rle_to_bbox(rle) if (ph, pw) != (H, W) or "bbox" not in ann else ann["bbox"]
         else:
             sx, sy = W / pw, H / ph
             x, y, w, h = ann["bbox"]

@@ -21,7 +21,7 @@ _FLAG_KEYS = {
     "N": "n", "num_folder_per_job": "num_folder_per_job", "job_index": "job_index", "batch_size": "batch_size",
     "num_workers": "num_workers", "shard_index": "shard_index", "num_shards": "num_shards",
     "image_root": "image_root", "crf": "crf", "solver": "solver", "chunk_size": "chunk_size",
-    "crf_workers": "crf_workers", "threads": "torch_threads",
+    "crf_workers": "crf_workers", "threads": "torch_threads", "compat": "compat", "output_format": "output_format",
 }
 
 # the out-of-the-box demo (no dataset, random weights) must finish in well under a minute on a CPU
@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", choices=["pydensecrf", "torch", "none", "auto"])
     p.add_argument("--crf-workers", type=int, help="CRF processes (0 = CPU count, -1 = inline)")
     p.add_argument("--solver", choices=["fast", "exact", "dense"])
+    p.add_argument("--compat", choices=["default", "published"],
+                   help="published: reproduce the published script's masks op for op (slow dense path; docs/deviations.md)")
+    p.add_argument("--output-format", choices=["default", "published"],
+                   help="published: merged JSON annotations also carry width/height and an integer area")
     p.add_argument("--chunk-size", type=int, help="images per output chunk")
     p.add_argument("--threads", type=int, help="torch intra-op threads in the main process (0 = default)")
     p.add_argument("--no-merge", action="store_true", help="do not merge the shards into one JSON at the end")
@@ -74,12 +78,16 @@ def args_to_overrides(args: argparse.Namespace) -> List[str]:
     return out
 
 
+def resolve_maskcut_config(argv: Sequence[str]):
+    """The :class:`cutler.config.MaskCutConfig` a MaskCut command line resolves to (flags, ``--config-file``,
+    overrides), e.g. for a launcher that merges the shards itself."""
+    args = build_parser().parse_args(list(argv))
+    return config_from_args(args, args_to_overrides(args)).maskcut
+
+
 def _synthetic_dataset() -> str:
-    try:
-        from ..data.synthetic import ensure_synthetic_dataset
-    except ImportError as e:
-        raise SystemExit("no --dataset-path given and the embedded synthetic dataset (cutler.data.synthetic) "
-                         f"is not available ({e}); pass --dataset-path") from None
+    from ..data.synthetic import ensure_synthetic_dataset
+
     return str(ensure_synthetic_dataset()["val"].image_root)
 
 
@@ -87,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run MaskCut for one shard (and merge when it is the only one). Returns the shard summary."""
     from .dataset import list_dataset, resolve_shard, select_job_folders, shard_records
     from .pipeline import run_maskcut
-    from .writer import merge_outputs
+    from .writer import OUTPUT_FORMATS, merge_outputs
 
     args = build_parser().parse_args(argv)
     overrides = args_to_overrides(args)
@@ -97,6 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         overrides = [f"maskcut.{k}={v}" for k, v in DEMO_OVERRIDES.items() if f"maskcut.{k}" not in given] + overrides
     root_cfg = config_from_args(args, overrides)
     cfg = root_cfg.maskcut
+    if cfg.output_format not in OUTPUT_FORMATS:  # checked before the run, not at the merge after it
+        raise ValueError(f"unknown maskcut.output_format '{cfg.output_format}', expected one of {OUTPUT_FORMATS}")
     # random-init weights (demos, tests) must be the same in every shard and rerun: seed 0 unless told
     seed_everything(root_cfg.seed if root_cfg.seed >= 0 else 0)
     dataset_path = cfg.dataset_path
@@ -130,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             name = os.path.splitext(os.path.basename(dataset_path))[0]
         out_json = args.output_json or os.path.join(
             cfg.out_dir, f"{name}_fixsize{cfg.fixed_size}_tau{cfg.tau}_N{cfg.n}.json")
-        summary["merge"] = merge_outputs(cfg.out_dir, out_json)
+        summary["merge"] = merge_outputs(cfg.out_dir, out_json, output_format=cfg.output_format)
         summary["output_json"] = out_json
         logger.info("wrote %s", out_json)
     elif nshards > 1 or job is not None:
@@ -145,8 +155,11 @@ def merge_main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog="merge_jsons.py", description="Merge MaskCut shard chunks into one COCO JSON")
     p.add_argument("--out-dir", required=True, help="the MaskCut out_dir holding shards/")
     p.add_argument("--save-path", "--output-json", dest="save_path", help="merged JSON (default out_dir/merged.json)")
+    p.add_argument("--output-format", choices=["default", "published"], default="default",
+                   help="published: annotations also carry width/height and an integer area")
     args = p.parse_args(argv)
     setup_logger()
-    counts = merge_outputs(args.out_dir, args.save_path or os.path.join(args.out_dir, "merged.json"))
+    counts = merge_outputs(args.out_dir, args.save_path or os.path.join(args.out_dir, "merged.json"),
+                           output_format=args.output_format)
     print(json.dumps(counts), file=sys.stdout)
     return counts

@@ -1,6 +1,6 @@
 """Dense-CRF refinement of MaskCut masks with pydensecrf (the reference, CPU).
 
-The model (``../shared/spec/maskcut.md``): 2 labels, unary = -log softmax([1 - m, m]) where ``m`` is the
+The model (the published MaskCut post-processing): 2 labels, unary = -log softmax([1 - m, m]) where ``m`` is the
 binary mask upsampled bilinearly to the image; Gaussian pairwise (sxy 3, compat 7); bilateral pairwise
 (sxy 50, srgb 5, compat 10); 10 mean-field iterations; result = argmax label map.
 The torch implementation for GPUs lives in :mod:`cutler.maskcut.torch_crf` and is checked against this.
@@ -41,6 +41,28 @@ def mask_to_softmax_probs(mask: np.ndarray, out_hw: tuple[int, int]) -> np.ndarr
     return torch.softmax(logits[0], dim=0).numpy().astype(np.float32)
 
 
+def pydensecrf_marginals(image: np.ndarray, unary: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """Mean-field marginals of pydensecrf's ``DenseCRF2D`` with any number of labels.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        unary: ``(L, H, W)`` float unary energies (``-log p``).
+        params: CRF hyper-parameters.
+
+    Returns:
+        ``(L, H, W)`` float32 marginals Q.
+    """
+    import pydensecrf.densecrf as dcrf
+
+    labels, h, w = unary.shape
+    crf = dcrf.DenseCRF2D(w, h, labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary.reshape(labels, -1), dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                             rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=params.bilateral_compat)
+    return np.asarray(crf.inference(params.num_iters), dtype=np.float32).reshape(labels, h, w)
+
+
 def pydensecrf_refine(image: np.ndarray, mask: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
     """Refine one mask with pydensecrf's ``DenseCRF2D``.
 
@@ -52,15 +74,9 @@ def pydensecrf_refine(image: np.ndarray, mask: np.ndarray, params: CRFParams = C
     Returns:
         ``(H, W)`` bool foreground label map.
     """
-    import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
 
     h, w = image.shape[:2]
     probs = mask_to_softmax_probs(mask, (h, w))
-    crf = dcrf.DenseCRF2D(w, h, 2)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                             rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=params.bilateral_compat)
-    q = np.asarray(crf.inference(params.num_iters)).reshape(2, h, w)
-    return q.argmax(axis=0).astype(bool)
+    unary = np.asarray(unary_from_softmax(probs)).reshape(2, h, w)
+    return pydensecrf_marginals(image, unary, params).argmax(axis=0).astype(bool)

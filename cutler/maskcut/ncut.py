@@ -3,7 +3,7 @@
 Nothing here knows about ViTs: any ``(B, P, C)`` patch features on a ``h x w`` grid (``P = h * w``,
 row-major) can be cut. Every function works on a batch of images at once, on the features' device.
 
-The graph (``../shared/spec/maskcut.md``): ``A = [Fn Fn^T > tau]`` with ``eps`` for the zeros, ``D = diag(A 1)``;
+The graph: ``A = [Fn Fn^T > tau]`` with ``eps`` for the zeros, ``D = diag(A 1)``;
 the cut is the eigenvector ``x`` of the second smallest eigenvalue of ``(D - A) x = lambda D x``.
 Equivalently ``x = D^-1/2 y`` with ``y`` the eigenvector of the second largest eigenvalue
 ``mu = 1 - lambda`` of ``S = D^-1/2 A D^-1/2``, whose largest eigenpair is known in closed form
@@ -12,17 +12,25 @@ Equivalently ``x = D^-1/2 y`` with ``y`` the eigenvector of the second largest e
 Two solvers share one interface (:func:`ncut_eigenvector`):
 
 * ``"exact"``: the reference, float64 dense generalized ``scipy.linalg.eigh(D - A, D)`` per image
-  (what the published script does; kept for tests and benchmarks).
+  (the published script's call; kept for tests and benchmarks).
 * ``"fast"``: batched block Krylov (block Lanczos with full re-orthogonalisation and Rayleigh-Ritz,
   thick restarts) on the deflated ``S`` in float64 by default; images that do not converge fall back
   to a dense float64 ``eigh`` of ``S``, so the answer is always the exact one to ``tol``.
 
-Two refinements of the published rule, applied identically by both solvers:
+Where the published rule leaves the result to rounding, the default convention (``compat="default"``)
+decides it, identically for every solver:
 
 * the eigenvector's sign is canonical (``x[argmax |x|] > 0``): the published result depends on the
-  arbitrary sign LAPACK returns when >= 3 grid corners are foreground and the seed is too;
+  arbitrary sign LAPACK returns when >= 3 grid corners are foreground and the peak is too;
+* entries equal to the mean up to ``TIE_RTOL * max|x|`` are not foreground (what ``x > mean`` gives in
+  exact arithmetic), and arg-max ties go to the lowest index;
 * when ``lambda_3 - lambda_2 < gap_tol`` the second eigenvector is not defined (e.g. a uniform image:
   every non-trivial eigenvalue is equal) and the stage mask is empty instead of an arbitrary one.
+
+``compat="published"`` instead repeats the published script's operations one for one (feature layout
+and dtype per stage, the numpy threshold, the scipy call, LAPACK's sign, numpy's ``argmax``), so that on
+the same machine and features its masks equal the published script's (:func:`published_eigenvectors`,
+:func:`published_bipartition`).
 """
 from __future__ import annotations
 
@@ -33,10 +41,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..structures.masks import mask_iou
+
 # stage status codes (MaskCutOutput.status)
 KEPT, EMPTY_SMALL, EMPTY_IOU, EMPTY_DEGENERATE = 0, 1, 2, 3
 STATUS_NAMES = {KEPT: "kept", EMPTY_SMALL: "too_small", EMPTY_IOU: "overlaps_previous",
                 EMPTY_DEGENERATE: "degenerate"}
+
+# "default": our deterministic sign and tie conventions; "published": the published script's rounding
+COMPAT_MODES = ("default", "published")
+
+# eigenvector entries closer than this times max|x| count as equal (to the mean, or to the maximum):
+# far above solver and BLAS noise (~1e-13 relative), far below the spread of entries of a real cut
+TIE_RTOL = 1e-9
 
 
 # ------------------------------------------------------------------------------------------ affinity
@@ -111,7 +128,7 @@ class EigenResult:
         return (self.eigvals[:, 1] - self.eigvals[:, 0]) < gap_tol
 
 
-def first_argmax(v: torch.Tensor, rtol: float = 1e-9) -> torch.Tensor:
+def first_argmax(v: torch.Tensor, rtol: float = TIE_RTOL) -> torch.Tensor:
     """``(B, P)`` -> ``(B,)`` lowest index whose value is within ``rtol * max|v|`` of the row maximum.
 
     Patches masked by earlier stages have identical graph rows, hence (in exact arithmetic) equal
@@ -174,19 +191,33 @@ def _as_dense(a, dtype=torch.float64) -> torch.Tensor:
     return a.dense(dtype) if isinstance(a, BinaryGraph) else a.to(dtype)
 
 
+def scipy_second_eigenpair(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The published script's solve: float64 ``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 2])``.
+
+    Args:
+        a: ``(P, P)`` float64 C-contiguous affinity (the degrees are numpy's row sums of this array).
+
+    Returns:
+        (``(2,)`` eigenvalues ``lambda_2, lambda_3``, ``(P,)`` eigenvector of ``lambda_2``, D-normalized,
+        with the sign LAPACK returns).
+    """
+    from scipy.linalg import eigh
+
+    d = np.diag(np.sum(a, axis=1))
+    w, v = eigh(d - a, d, subset_by_index=[1, 2])
+    return w, v[:, 0]
+
+
 def solve_exact(a, **_) -> EigenResult:
-    """Reference solver: float64 ``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 2])`` per image.
+    """Reference solver: :func:`scipy_second_eigenpair` per image, then the canonical sign.
 
     Args:
         a: ``(B, P, P)`` affinity tensor or :class:`BinaryGraph` (any device; computed on the CPU).
     """
-    from scipy.linalg import eigh
-
     xs, vals = [], []
     for ai in _as_dense(a).detach().cpu().numpy():
-        d = ai.sum(axis=1)
-        w, v = eigh(np.diag(d) - ai, np.diag(d), subset_by_index=[1, 2])
-        xs.append(v[:, 0])
+        w, x = scipy_second_eigenpair(ai)
+        xs.append(x)
         vals.append(w)
     x = torch.from_numpy(np.stack(xs)).to(a.device)
     ev = torch.from_numpy(np.stack(vals)).to(a.device)
@@ -375,17 +406,121 @@ def bipartition(x: torch.Tensor, grid_hw: Tuple[int, int]) -> Tuple[torch.Tensor
         x: ``(B, P)`` eigenvectors; grid_hw: ``(h, w)`` with ``h * w = P``.
 
     Returns:
-        ``fg`` ``(B, P)`` bool and ``seed`` ``(B,)`` long. ``fg = x > mean(x)``; it is reversed when >= 3
+        ``fg`` ``(B, P)`` bool and ``seed`` ``(B,)`` long. ``fg = x > mean(x)``, where entries within
+        ``TIE_RTOL * max|x|`` of the mean count as equal to it (not foreground); it is reversed when >= 3
         corners are foreground or the peak ``argmax |x|`` is not foreground; the seed is then
         ``argmax(-x)``, else ``argmax(x)`` (ties, up to rounding, go to the lowest index).
     """
-    fg = x > x.mean(dim=1, keepdim=True)
+    scale = x.abs().max(dim=1, keepdim=True).values
+    fg = x > x.mean(dim=1, keepdim=True) + TIE_RTOL * scale
     peak = first_argmax(x.abs())[:, None]
     corners = fg[:, corner_indices(grid_hw)].sum(dim=1)
     reverse = (corners >= 3) | ~fg.gather(1, peak)[:, 0]
     fg = torch.where(reverse[:, None], ~fg, fg)
     seed = torch.where(reverse, first_argmax(-x), first_argmax(x))
     return fg, seed
+
+
+def published_affinity(feats: torch.Tensor, keep: Optional[torch.Tensor], tau: float, eps: float = 1e-5) -> np.ndarray:
+    """One image's affinity computed with the published script's operations, in its order and dtypes.
+
+    Args:
+        feats: ``(P, C)`` float32 patch features.
+        keep: ``(P,)`` bool, False for patches painted by earlier stages; None for the first stage.
+
+    Returns:
+        ``(P, P)`` float64 numpy affinity (1 or ``eps``). The features are laid out ``(C, P)``; the first
+        stage normalizes and multiplies them in float32 on their device; later stages multiply them by
+        the float64 painting complement first, so that stage's normalization and Gram matrix run in
+        float64 (the published promotion), which decides other entries near ``tau`` than float32 would.
+        The threshold is numpy's ``>`` on the CPU copy.
+    """
+    f = feats.t().contiguous()
+    if keep is not None:
+        f = keep.to(torch.float64)[None, :] * f
+    f = F.normalize(f, p=2, dim=0)
+    sim = (f.transpose(0, 1) @ f).cpu().numpy()
+    return np.where(sim > tau, 1.0, eps)
+
+
+def published_eigenvectors(feats: torch.Tensor, keep: Optional[torch.Tensor], tau: float,
+                           eps: float = 1e-5) -> EigenResult:
+    """Second generalized eigenpairs exactly as the published script computes them, image by image.
+
+    Args:
+        feats: ``(B, P, C)`` float32 features; keep: ``(B, P)`` bool or None (first stage), see
+            :func:`published_affinity`.
+
+    Returns:
+        :class:`EigenResult` on the CPU: the eigenvectors of :func:`scipy_second_eigenpair` with LAPACK's
+        sign (no canonical sign), their eigenvalues, zero iterations.
+    """
+    pairs = [scipy_second_eigenpair(published_affinity(feats[i], None if keep is None else keep[i], tau, eps))
+             for i in range(feats.shape[0])]
+    return EigenResult(torch.from_numpy(np.stack([x for _, x in pairs])),
+                       torch.from_numpy(np.stack([w for w, _ in pairs])),
+                       torch.zeros(feats.shape[0], dtype=torch.long))
+
+
+def published_bipartition(x: torch.Tensor, grid_hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bipartition` with the published rounding: no sign convention and no tie tolerance.
+
+    ``fg = x > sum(x) / P`` (numpy's sum), the peak and the seeds are numpy's first ``argmax`` of the
+    values as they are, and the reverse rule applies to whatever sign ``x`` has.
+
+    Args:
+        x: ``(B, P)`` float64 eigenvectors (any device); grid_hw: ``(h, w)``.
+
+    Returns:
+        ``fg`` ``(B, P)`` bool and ``seed`` ``(B,)`` long, on ``x``'s device.
+    """
+    corners = corner_indices(grid_hw)
+    fgs, seeds = [], []
+    for v in x.detach().cpu().numpy():
+        fg = v > np.sum(v) / len(v)
+        reverse = int(fg[corners].sum()) >= 3 or not fg[np.argmax(np.abs(v))]
+        fgs.append(~fg if reverse else fg)
+        seeds.append(np.argmax(-v if reverse else v))
+    return (torch.from_numpy(np.stack(fgs)).to(x.device),
+            torch.tensor(seeds, dtype=torch.long, device=x.device))
+
+
+def convention_events(x: torch.Tensor, grid_hw: Tuple[int, int], eigvals: Optional[torch.Tensor] = None,
+                      gap_tol: float = 1e-7) -> Dict[str, torch.Tensor]:
+    """Which of the published script's rounding-decided choices the default conventions replace, per image.
+
+    Args:
+        x: ``(B, P)`` float64 eigenvectors with the sign the solver returned (e.g. the ``eigvecs`` of a
+            ``compat="published"`` run); grid_hw: ``(h, w)``.
+        eigvals: ``(B, 2)`` ``(lambda_2, lambda_3)`` or None (then ``"degenerate"`` is all False).
+
+    Returns:
+        ``(B,)`` bool (CPU) per rule:
+        ``"sign"``: the peak is negative and the peak's side of the mean holds >= 3 grid corners, so the
+        reverse rule keeps the other side than under the canonical sign;
+        ``"mean_tie"``: entries within ``TIE_RTOL * max|x|`` of the mean split differently from ours
+        (published: by rounding; ours: not foreground);
+        ``"seed_tie"``: numpy's ``argmax`` for the peak or the seed is not the lowest index tied with it;
+        ``"degenerate"``: ``lambda_3 - lambda_2 < gap_tol`` (ours: no mask; published: LAPACK's vector).
+    """
+    corners = corner_indices(grid_hw)
+    out = {k: [] for k in ("sign", "mean_tie", "seed_tie")}
+    for v in x.detach().cpu().numpy():
+        tol = TIE_RTOL * np.abs(v).max()
+        peak = int(np.argmax(np.abs(v)))
+        fg = v > np.sum(v) / len(v)
+        peak_side = fg if v[peak] > 0 else ~fg
+        out["sign"].append(bool(v[peak] < 0 and peak_side[corners].sum() >= 3))
+        ours = v > np.mean(v) + tol if v[peak] > 0 else v < np.mean(v) - tol  # the canonical frame's foreground
+        out["mean_tie"].append(not (np.array_equal(fg, ours) or np.array_equal(fg, ~ours)))
+        reverse = int(fg[corners].sum()) >= 3 or not fg[peak]
+        seed_of = -v if reverse else v
+        firsts = [int(np.flatnonzero(u >= u.max() - tol)[0]) for u in (np.abs(v), seed_of)]
+        out["seed_tie"].append(firsts != [peak, int(np.argmax(seed_of))])
+    events = {k: torch.tensor(b, dtype=torch.bool) for k, b in out.items()}
+    events["degenerate"] = (torch.zeros(x.shape[0], dtype=torch.bool) if eigvals is None
+                            else ((eigvals[:, 1] - eigvals[:, 0]) < gap_tol).cpu())
+    return events
 
 
 def label_components(mask: torch.Tensor, check_every: int = 4) -> torch.Tensor:
@@ -439,14 +574,6 @@ def seed_component(fg: torch.Tensor, seed: torch.Tensor, grid_hw: Tuple[int, int
     return labels == labels.gather(1, seed[:, None])
 
 
-def mask_iou(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
-    """IoU of boolean masks over the trailing dims, batched ``(..., *)``; 0 where the union is empty."""
-    dims = tuple(range(1 if m1.dim() > 1 else 0, m1.dim()))
-    inter = (m1 & m2).sum(dim=dims).double()
-    union = (m1 | m2).sum(dim=dims).double()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
-
-
 # ---------------------------------------------------------------------------------------- the stages
 def stage_filter(cand: torch.Tensor, prev: torch.Tensor, stage: int, degenerate: Optional[torch.Tensor] = None,
                  min_area_fraction: float = 0.01, iou_thresh: float = 0.5) -> torch.Tensor:
@@ -482,10 +609,12 @@ class MaskCutOutput:
     """Per-stage MaskCut results on the patch grid.
 
     masks: ``(B, N, h, w)`` bool stage masks ``M_t`` (empty where a stage filter fired).
-    eigvecs: ``(B, N, P)`` float64 second eigenvectors ``x`` of each stage (canonical sign).
+    eigvecs: ``(B, N, P)`` float64 second eigenvectors ``x`` of each stage (canonical sign; LAPACK's with
+        ``compat="published"``).
     status: ``(B, N)`` long, one of KEPT / EMPTY_SMALL / EMPTY_IOU / EMPTY_DEGENERATE.
     candidates: ``(B, N, h, w)`` bool seed components before the stage filters (for agreement checks).
     iterations: ``(B, N)`` long solver work per stage (-1 = dense).
+    eigvals: ``(B, N, 2)`` float64 ``(lambda_2, lambda_3)`` of each stage's graph.
     """
 
     masks: torch.Tensor
@@ -493,12 +622,13 @@ class MaskCutOutput:
     status: torch.Tensor
     candidates: torch.Tensor
     iterations: torch.Tensor
+    eigvals: Optional[torch.Tensor] = None
 
 
 def maskcut_patches(feats: torch.Tensor, grid_hw: Tuple[int, int], n_stages: int = 3, tau: float = 0.15,
                     eps: float = 1e-5, solver: str = "fast", min_area_fraction: float = 0.01,
                     stage_iou_thresh: float = 0.5, gap_tol: float = 1e-7,
-                    solver_kwargs: Optional[dict] = None) -> MaskCutOutput:
+                    solver_kwargs: Optional[dict] = None, compat: str = "default") -> MaskCutOutput:
     """MaskCut on patch features: ``n_stages`` masked NCuts per image, batched.
 
     Args:
@@ -509,6 +639,9 @@ def maskcut_patches(feats: torch.Tensor, grid_hw: Tuple[int, int], n_stages: int
         min_area_fraction: stage t >= 2 masks covering <= this fraction of the grid are emptied.
         stage_iou_thresh: stage t >= 2 masks with IoU > this against the previous stage's mask are emptied.
         gap_tol: ``lambda_3 - lambda_2`` below which the cut is undefined and the stage mask empty.
+        compat: ``"default"`` (our sign and tie conventions, any solver) or ``"published"``: the published
+            script's operations (:func:`published_eigenvectors`, :func:`published_bipartition`); ``solver``,
+            ``solver_kwargs`` and ``gap_tol`` are then unused and ``eigvecs`` keep LAPACK's sign.
 
     Returns:
         :class:`MaskCutOutput`. Patches under a kept mask are masked out of the next stages' graph
@@ -519,30 +652,38 @@ def maskcut_patches(feats: torch.Tensor, grid_hw: Tuple[int, int], n_stages: int
     h, w = grid_hw
     if h * w != p:
         raise ValueError(f"grid {h}x{w} does not match {p} patches")
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"unknown maskcut.compat '{compat}', expected one of {COMPAT_MODES}")
+    published = compat == "published"
     kw = dict(solver_kwargs or {})
-    sim = cosine_similarity(feats)
+    sim = None if published else cosine_similarity(feats)
     dev = feats.device
     painting = torch.zeros(b, p, dtype=torch.bool, device=dev)
     prev = torch.zeros(b, p, dtype=torch.bool, device=dev)
     changed = torch.ones(b, dtype=torch.bool, device=dev)
     x = torch.zeros(b, p, dtype=torch.float64, device=dev)
+    lam = torch.zeros(b, 2, dtype=torch.float64, device=dev)
     degenerate = torch.zeros(b, dtype=torch.bool, device=dev)
     iters_prev = torch.zeros(b, dtype=torch.long)
-    masks, eigvecs, status, cands, iters = [], [], [], [], []
+    masks, eigvecs, status, cands, iters, lams = [], [], [], [], [], []
     for t in range(n_stages):
         todo = changed.nonzero()[:, 0]
         it = torch.zeros(b, dtype=torch.long)
-        if todo.numel():
+        if todo.numel() and published:
+            # stage 1 cuts the float32 features, later stages the painted ones (float64 in the published script)
+            res = published_eigenvectors(feats[todo], None if t == 0 else ~painting[todo], tau, eps)
+            x[todo], lam[todo] = res.x.to(dev), res.eigvals.to(dev)
+        elif todo.numel():
             sub = todo.numel() < b
             graph = binary_graph(sim[todo] if sub else sim, tau, eps, ~(painting[todo] if sub else painting))
             res = ncut_eigenvector(graph, solver, **kw)
             del graph
-            x[todo] = res.x.to(dev)
+            x[todo], lam[todo] = res.x.to(dev), res.eigvals.to(dev)
             degenerate[todo] = res.degenerate(gap_tol).to(dev)
             it[todo.cpu()] = res.iterations
         unchanged = (~changed).cpu()
         it[unchanged] = iters_prev[unchanged]
-        fg, seed = bipartition(x, grid_hw)
+        fg, seed = (published_bipartition if published else bipartition)(x, grid_hw)
         cand = seed_component(fg, seed, grid_hw) & ~degenerate[:, None]  # no candidate without a defined cut
         st = stage_filter(cand, prev, t, degenerate, min_area_fraction, stage_iou_thresh)
         mask = cand & (st == KEPT)[:, None]
@@ -552,11 +693,12 @@ def maskcut_patches(feats: torch.Tensor, grid_hw: Tuple[int, int], n_stages: int
         iters_prev = it
         masks.append(mask.view(b, h, w))
         eigvecs.append(x.clone())
+        lams.append(lam.clone())
         status.append(st)
         cands.append(cand.view(b, h, w))
         iters.append(it)
     return MaskCutOutput(torch.stack(masks, 1), torch.stack(eigvecs, 1), torch.stack(status, 1),
-                         torch.stack(cands, 1), torch.stack(iters, 1))
+                         torch.stack(cands, 1), torch.stack(iters, 1), torch.stack(lams, 1))
 
 
 def upsample_stage_masks(masks: torch.Tensor, size_hw: Tuple[int, int]) -> torch.Tensor:

@@ -9,13 +9,17 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
+from ..structures.masks import mask_iou
+from ..structures.rle import encode_masks, rle_area, rle_to_bbox
 from .crf import CRFParams, pydensecrf_refine
 
 
-def _iou(m1: np.ndarray, m2: np.ndarray) -> float:
-    union = np.logical_or(m1, m2).sum()
-    return float(np.logical_and(m1, m2).sum() / union) if union else 0.0
+def _dense_iou(m1: np.ndarray, m2: np.ndarray) -> float:
+    """IoU of two ``(H, W)`` bool arrays (0 when both are empty)."""
+    return float(mask_iou(torch.from_numpy(np.ascontiguousarray(m1)).flatten(),
+                          torch.from_numpy(np.ascontiguousarray(m2)).flatten()))
 
 
 def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -36,15 +40,11 @@ def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def encode_mask(mask: np.ndarray) -> Optional[dict]:
     """COCO annotation fields of an ``(H, W)`` bool mask: RLE (str counts), area, bbox XYWH; None if empty."""
-    from pycocotools import mask as mask_util
-
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    area = float(mask_util.area(rle))
+    rle = encode_masks(mask[None])[0]
+    area = rle_area(rle)
     if area < 1:
         return None
-    bbox = [float(v) for v in mask_util.toBbox(rle)]
-    rle["counts"] = rle["counts"].decode("ascii")
-    return {"segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0, "category_id": 1}
+    return {"segmentation": rle, "area": area, "bbox": rle_to_bbox(rle), "iscrowd": 0, "category_id": 1}
 
 
 def _nearest_resize(mask: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
@@ -88,7 +88,7 @@ def postprocess_image(image: np.ndarray, masks: np.ndarray, width: int, height: 
         else:
             raw = crf_outputs[k] if crf == "precomputed" else pydensecrf_refine(image, mask.astype(np.float32), params)
             refined = ndimage.binary_fill_holes(np.asarray(raw) >= 0.5)
-            keep = _iou(_nearest_resize(mask.astype(bool), hw), refined) >= crf_iou_thresh
+            keep = _dense_iou(_nearest_resize(mask.astype(bool), hw), refined) >= crf_iou_thresh
         t1 = time.perf_counter()
         t_crf += t1 - t0
         if keep:

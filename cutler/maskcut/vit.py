@@ -171,14 +171,22 @@ class DinoFeatureExtractor(nn.Module):
         pretrain_path: local DINO checkpoint; empty -> random init with a loud warning.
         amp_dtype: autocast dtype: ``"auto"`` (on GPU bf16 if supported else fp16; float32 on CPU) |
             ``"bfloat16"`` | ``"float16"`` (on any device) | ``"float32"`` (no autocast).
+        random_init_warning: what the random-init warning says after "ViT-B/8 has RANDOM weights".
+        match_dino: run the forward the way DINO's own code does, so that float32 features equal it bit
+            for bit: a contiguous NCHW input to the patch convolution and the explicit
+            ``softmax(q k^T * scale) v`` attention (head dim 64: the scale 1/8 is exact applied before or
+            after the product). Otherwise (faster, less memory) ``scaled_dot_product_attention`` and the
+            input's own layout are used, which round differently (~1e-6).
     """
 
     def __init__(self, arch: str = "base", patch_size: int = 8, feat: str = "k", pretrain_path: str = "",
-                 amp_dtype: str = "auto"):
+                 amp_dtype: str = "auto", random_init_warning: str = "for MaskCut (no pretrain_path given): the masks are "
+                 "meaningless except for tests and demos; pass --pretrain_path DINO.pth", match_dino: bool = False):
         super().__init__()
         if feat not in FEATURE_KINDS:
             raise ValueError(f"unknown vit_feat '{feat}', expected one of {FEATURE_KINDS}")
         self.vit = build_vit(arch, patch_size)
+        self.match_dino = match_dino
         self.patch_size = patch_size
         self.feat = feat
         self.amp_dtype = amp_dtype
@@ -187,8 +195,7 @@ class DinoFeatureExtractor(nn.Module):
             load_dino_checkpoint(self.vit, pretrain_path)
             logger.info("loaded DINO ViT-%s/%d weights from %s", arch[0].upper(), patch_size, pretrain_path)
         else:
-            msg = (f"MaskCut ViT-{arch[0].upper()}/{patch_size} has RANDOM weights (no pretrain_path given): "
-                   "the masks are meaningless except for tests and demos; pass --pretrain_path DINO.pth")
+            msg = f"ViT-{arch[0].upper()}/{patch_size} has RANDOM weights {random_init_warning}"
             warnings.warn(msg, stacklevel=2)
             logger.warning("!" * 20 + " " + msg + " " + "!" * 20)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -197,9 +204,51 @@ class DinoFeatureExtractor(nn.Module):
         self.requires_grad_(False)
 
     @property
+    def match_dino(self) -> bool:
+        return self._match_dino
+
+    @match_dino.setter
+    def match_dino(self, value: bool) -> None:
+        self._match_dino = bool(value)
+        for blk in self.vit.blocks:
+            blk.attn.fused_attn = not self._match_dino
+
+    @property
     def feat_dim(self) -> int:
         dim = self.vit.embed_dim
         return 3 * dim if self.feat == "kqv" else dim
+
+    def embed_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The input of the first block: ``(B, 1 + h * w, dim)`` CLS + patch tokens with DINO-resampled
+        position embeddings, for images as :meth:`forward` takes them (call under the autocast context)."""
+        b, _, H, W = images.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        x = images.float()
+        if self.match_dino:
+            x = x.contiguous()  # a channels-last input (decoded HWC arrays) picks another convolution kernel
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        x = (x - self.mean) / self.std
+        vit = self.vit
+        tokens = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, hw, C)
+        tokens = vit.patch_embed.norm(tokens)
+        cls = vit.cls_token.expand(b, -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1)
+        tokens = tokens + interpolate_pos_embed(vit.pos_embed, H // p, W // p)
+        return vit.norm_pre(tokens)
+
+    @torch.no_grad()
+    def cls_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, dim)`` float32 CLS token after the last block and the final LayerNorm (DINO's image feature),
+        for images as :meth:`forward` takes them."""
+        vit = self.vit
+        with _autocast_context(images.device, self.amp_dtype):
+            tokens = self.embed_tokens(images)
+            for blk in vit.blocks:
+                tokens = blk(tokens)
+            return vit.norm(tokens)[:, 0].float()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -213,22 +262,10 @@ class DinoFeatureExtractor(nn.Module):
             ``(B, h * w, C)`` float32 features of the patch tokens (CLS dropped), row-major over the
             ``h x w = H/p x W/p`` grid; C = embed dim (``3 * dim`` for ``kqv``).
         """
-        b, _, H, W = images.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        x = (x - self.mean) / self.std
+        b = images.shape[0]
         vit = self.vit
-        with _autocast_context(x.device, self.amp_dtype):
-            tokens = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, hw, C)
-            tokens = vit.patch_embed.norm(tokens)
-            cls = vit.cls_token.expand(b, -1, -1)
-            tokens = torch.cat([cls, tokens], dim=1)
-            tokens = tokens + interpolate_pos_embed(vit.pos_embed, H // p, W // p)
-            tokens = vit.norm_pre(tokens)
+        with _autocast_context(images.device, self.amp_dtype):
+            tokens = self.embed_tokens(images)
             for blk in vit.blocks[:-1]:
                 tokens = blk(tokens)
             last = vit.blocks[-1]

@@ -16,7 +16,7 @@ import glob
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Set
+from typing import IO, Iterable, Iterator, List, Optional, Set
 
 from ..utils.io import atomic_open, atomic_write_json
 from ..utils.logging import get_logger
@@ -43,6 +43,16 @@ def _renumber(ann: dict, new_id: int, id_map: dict, where: str) -> None:
             ann[key] = id_map[ref]
 
 
+# "published": annotations also carry the published script's fields that a downstream tool may read
+OUTPUT_FORMATS = ("default", "published")
+
+
+def published_annotation(ann: dict, width: int, height: int) -> dict:
+    """An annotation in the published script's format: integer ``area`` (a pixel count) and the mask's
+    ``width``/``height`` (the image's, in the correct order)."""
+    return dict(ann, area=int(round(ann["area"])), width=int(width), height=int(height))
+
+
 def shard_dir_name(shard_index: int, num_shards: int, job_index: Optional[int] = None) -> str:
     """``shard-00003-of-00008`` (prefixed ``job-0002-`` for the published folder-per-job split)."""
     name = f"shard-{shard_index:05d}-of-{num_shards:05d}"
@@ -67,6 +77,14 @@ def read_failures(path: os.PathLike | str) -> Iterator[dict]:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 continue
+
+
+def append_failure(f: IO[str], image_id: int, file_name: str, reason: str) -> None:
+    """Append one record to an open failures.jsonl and fsync it at once, so a rerun skips the image even
+    after a crash (:func:`read_failures` reads them back)."""
+    f.write(json.dumps({"id": int(image_id), "file_name": file_name, "reason": reason}) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 class ShardWriter:
@@ -124,9 +142,7 @@ class ShardWriter:
 
     def add_failure(self, image_id: int, file_name: str, reason: str) -> None:
         """Record an image that could not be processed (written and fsynced at once)."""
-        self._failures.write(json.dumps({"id": int(image_id), "file_name": file_name, "reason": reason}) + "\n")
-        self._failures.flush()
-        os.fsync(self._failures.fileno())
+        append_failure(self._failures, image_id, file_name, reason)
         self.finished.add(file_name)
         self.num_failed += 1
 
@@ -151,17 +167,21 @@ def _shard_dirs(out_dir: os.PathLike | str) -> List[str]:
     return sorted(d for d in glob.glob(os.path.join(str(out_dir), "shards", "*")) if os.path.isdir(d))
 
 
-def merge_outputs(out_dir: os.PathLike | str, output_json: os.PathLike | str, info: Optional[dict] = None) -> dict:
+def merge_outputs(out_dir: os.PathLike | str, output_json: os.PathLike | str, info: Optional[dict] = None,
+                  output_format: str = "default") -> dict:
     """Merge every shard's chunks under ``out_dir/shards`` into one COCO JSON, streaming.
 
     Images keep their (global, stable) ids; an image present twice (e.g. two overlapping runs)
     is kept once, from the first chunk in sorted order, with that chunk's annotations only.
     Annotations are renumbered 1..n. Failures of all shards are concatenated into
     ``out_dir/failures.jsonl``. Memory: one chunk plus a map of image ids.
+    ``output_format="published"`` writes annotations with :func:`published_annotation`.
 
     Returns:
         counts ``{"images", "annotations", "failures", "duplicates", "chunks"}``.
     """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown maskcut.output_format '{output_format}', expected one of {OUTPUT_FORMATS}")
     chunks = [c for d in _shard_dirs(out_dir) for c in chunk_files(d)]
     owner = {}  # image id -> chunk index that keeps it
     duplicates = 0
@@ -186,11 +206,14 @@ def merge_outputs(out_dir: os.PathLike | str, output_json: os.PathLike | str, in
         next_id = 1
         for ci, path in enumerate(chunks):
             with open(path, encoding="utf-8") as cf:
-                anns = json.load(cf)["annotations"]
+                chunk = json.load(cf)
+            sizes = {im["id"]: (im["width"], im["height"]) for im in chunk["images"]}
             id_map: dict = {}
-            for ann in anns:
+            for ann in chunk["annotations"]:
                 if owner.get(ann["image_id"]) != ci:
                     continue
+                if output_format == "published":
+                    ann = published_annotation(ann, *sizes[ann["image_id"]])
                 _renumber(ann, next_id, id_map, path)
                 next_id += 1
                 f.write(("" if first else ", ") + json.dumps(ann))

@@ -1,5 +1,4 @@
-"""The detector: backbone, RPN, ROI heads, meta-architecture, weights I/O."""
-from .build import build_model
-from .checkpoint import export_detectron2, load_weights, save_checkpoint
+"""The detector: backbone, RPN, ROI heads, meta-architecture (weights I/O is :mod:`cutler.checkpoint`)."""
+from .build import build_model, build_model_with_weights
 
-__all__ = ["build_model", "export_detectron2", "load_weights", "save_checkpoint"]
+__all__ = ["build_model", "build_model_with_weights"]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .boxes import pairwise_iou
+from ..structures.boxes import pairwise_iou
 
 __all__ = ["max_iou_with_gt", "droploss_weights", "droploss_cross_entropy"]
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from cutler.config import add_config_arguments, config_from_args
 from cutler.utils.logging import setup_logger
@@ -27,23 +27,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_plan(cfg):
-    """The plan of ``pipeline.variant``: ``cutler`` (:class:`PipelinePlan`) or ``unsam``
-    (:class:`cutler.unsam.pipeline.UnsamPlan`)."""
+#: ``pipeline.variant`` values: the CutLER loop, U2Seg (its class-aware rounds, or its panoptic loop), UnSAM.
+VARIANTS = ("cutler", "u2seg", "u2seg_panoptic", "unsam")
+
+
+def make_plan(cfg) -> Tuple[Any, Callable[[dict], List[str]]]:
+    """The plan of ``pipeline.variant`` and the function giving its summary lines from the manifest data:
+    ``cutler`` / ``u2seg`` (:class:`PipelinePlan`), ``u2seg_panoptic``
+    (:class:`cutler.u2seg.panoptic_pipeline.PanopticPipelinePlan`) or ``unsam``
+    (:class:`cutler.unsam.pipeline.UnsamPlan`).
+    """
     variant = str(cfg.pipeline.variant)
+    if variant not in VARIANTS:
+        raise ValueError(f"pipeline.variant={variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant == "u2seg_panoptic":
+        from cutler.u2seg.panoptic_pipeline import PanopticPipelinePlan, panoptic_summary
+
+        return PanopticPipelinePlan(cfg), panoptic_summary
     if variant == "unsam":
         from cutler.unsam.pipeline import UnsamPlan
 
-        return UnsamPlan(cfg)
-    if variant != "cutler":
-        raise ValueError(f"pipeline.variant={variant!r}; choose cutler or unsam")
-    return PipelinePlan(cfg)
+        plan = UnsamPlan(cfg)
+        return plan, plan.summary_lines
+    plan = PipelinePlan(cfg)
+    return plan, lambda data: _round_summary(data, plan)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    plan = make_plan(cfg)
+    plan, summarize = make_plan(config_from_args(args))
+    return _run(args, plan, summarize)
+
+
+def _round_summary(data: dict, plan: PipelinePlan) -> list:
+    counts = pseudo_mask_counts(data, plan.rounds, plan.round0_stage)
+    summary = []
+    for r in range(plan.rounds + 1):
+        rec = data["stages"].get(f"eval_r{r}", {})
+        if rec.get("status") == "done":
+            metrics = ", ".join(f"{k} {v:.1f}" for k, v in rec.get("metrics", {}).items())
+            summary.append(f"round {r}: {counts[r]} pseudo-masks | {metrics}")
+    return summary
+
+
+def _run(args, plan, summarize) -> dict:
+    """Print the plan, run it (unless --dry-run), print ``summarize(manifest data)`` lines and the report path."""
     stages = plan.stages()
     setup_logger(str(plan.run_dir))
     print(f"pipeline run directory: {plan.run_dir}")
@@ -52,23 +80,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return {}
     save_run_config(plan)
     data = run_stages(stages, plan.run_dir, only=args.stage, force=args.force)
-    if not isinstance(plan, PipelinePlan):
-        summary = plan.summary_lines(data)
-        print("\n".join(summary))
-        report = plan.run_dir / "report" / "report.md"
-        if report.is_file():
-            print(f"report: {report}")
-        return data
-    counts = pseudo_mask_counts(data, plan.rounds)
-    summary = []
-    for r in range(plan.rounds + 1):
-        rec = data["stages"].get(f"eval_r{r}", {})
-        if rec.get("status") == "done":
-            metrics = ", ".join(f"{k} {v:.1f}" for k, v in rec.get("metrics", {}).items())
-            summary.append(f"round {r}: {counts[r]} pseudo-masks | {metrics}")
+    summary = summarize(data)
     if summary:
         print("\n".join(summary))
     report = plan.run_dir / "report" / "report.md"
     if report.is_file():
-        print(f"report: {report}\noverlays: {plan.run_dir / 'overlays'}")
+        print(f"report: {report}")
+    if (plan.run_dir / "overlays").is_dir():
+        print(f"overlays: {plan.run_dir / 'overlays'}")
     return data

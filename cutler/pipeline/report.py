@@ -80,7 +80,8 @@ def write_report(rows: Sequence[Dict[str, Any]], out_dir: Path, datasets: Sequen
     save_rgb_png(out_dir / "pseudo_masks_per_round.png",
                  line_plot({"pseudo-masks": [float(r["pseudo_masks"]) for r in rows]}, rounds, "pseudo-masks per round"))
     text = ["# Pipeline report", "",
-            "Pseudo-labels used to train each round and class-agnostic COCO metrics (%) on the held-out sets.", "",
+            "Pseudo-labels used to train each round and class-agnostic COCO metrics (%) on the held-out sets "
+            "(`matched_*`: U2Seg's cluster ids mapped to the dataset's categories, per-category COCO metrics).", "",
             markdown_table(header, table), "",
             "![AP per round](ap_per_round.png)", "", "![pseudo-masks per round](pseudo_masks_per_round.png)", ""]
     path = out_dir / "report.md"

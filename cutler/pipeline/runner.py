@@ -12,6 +12,10 @@ Stages (each resumable, recorded in ``run_dir/manifest.json``, runnable alone wi
     ...         (eval, predict, merge, train for every self-training round)
     report      Markdown + PNG plot of per-round pseudo-label counts and AP
 
+With ``pipeline.variant=u2seg`` (U2Seg, :mod:`cutler.u2seg.pipeline`), MaskCut writes labels/maskcut.json,
+``embed`` and ``cluster`` turn it into labels/round0.json with cluster ids as categories, the rounds are
+class-aware, predictions keep their cluster ids through the merge, and evaluation adds the matched metrics.
+
 Data and weights: with ``pipeline.train_images`` empty, the synthetic dataset is generated under
 ``run_dir/datasets`` and every network starts from random weights (or ``maskcut.pretrain_path`` /
 ``model.weights`` when given), so the whole loop runs anywhere, CPU included.
@@ -40,6 +44,41 @@ def _q(value: str) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def training_records(train_json: Optional[Path], train_images: Path) -> list:
+    """The training images as MaskCut records: the images of the COCO file ``train_json`` (file names under
+    ``train_images``), or with ``train_json`` None every image of the folder ``train_images``."""
+    from cutler.maskcut.dataset import list_dataset
+
+    if train_json is not None:
+        return list_dataset(str(train_json), str(train_images))[0]
+    return list_dataset(str(train_images), None)[0]
+
+
+def run_maskcut_stage(plan: Any, purpose: str) -> Dict[str, Any]:
+    """The ``maskcut`` stage of a pipeline plan (this module's or the U2Seg panoptic one): MaskCut over the
+    plan's training images, merged into ``plan.maskcut_labels()``; returns the stage's metrics.
+
+    Raises:
+        RuntimeError: MaskCut produced no pseudo-mask at all (nothing to ``purpose``).
+    """
+    from cutler.maskcut.pipeline import run_maskcut
+    from cutler.maskcut.writer import merge_outputs
+    from cutler.utils.seed import seed_everything
+
+    mcfg = plan.maskcut_config()
+    seed_everything(max(int(plan.cfg.seed), 0))  # random-init ViT weights are the same on every rerun
+    source = str(plan.train_json if plan.train_json is not None else plan.train_images)
+    records = training_records(plan.train_json, plan.train_images)
+    summary = run_maskcut(mcfg.maskcut, records, mcfg.maskcut.out_dir, 0, 1, None, progress=True)
+    counts = merge_outputs(mcfg.maskcut.out_dir, plan.maskcut_labels(), output_format=mcfg.maskcut.output_format)
+    if counts["annotations"] == 0:
+        raise RuntimeError(f"MaskCut produced no pseudo-masks on {source}: nothing to {purpose} "
+                           f"(summary: {summary.get('failures_by_reason')})")
+    return {"images": summary.get("processed", 0) + summary.get("skipped_already_done", 0),
+            "failed": summary.get("failed", 0), "pseudo_masks": counts["annotations"],
+            "img_per_s": summary.get("img_per_s")}
+
+
 class PipelinePlan:
     """Paths and configs of one pipeline run, and its list of :class:`Stage`."""
 
@@ -65,10 +104,22 @@ class PipelinePlan:
             raise ValueError(f"selftrain.score_thresholds has {len(thresholds)} values for {self.rounds} rounds; "
                              "give one threshold per self-training round")
         self.thresholds = thresholds
+        if p.variant not in ("cutler", "u2seg"):
+            raise ValueError(f"pipeline.variant={p.variant!r}; choose 'cutler' or 'u2seg'")
+        self.u2seg = p.variant == "u2seg"
 
     # ------------------------------------------------------------------------------------- paths
+    @property
+    def round0_stage(self) -> str:
+        """The stage that writes round 0's labels."""
+        return "cluster" if self.u2seg else "maskcut"
+
     def labels(self, r: int) -> Path:
         return self.run_dir / "labels" / f"round{r}.json"
+
+    def maskcut_labels(self) -> Path:
+        """MaskCut's merged output: round 0's labels, or (U2Seg) the masks to be clustered."""
+        return self.run_dir / "labels" / "maskcut.json" if self.u2seg else self.labels(0)
 
     def weights(self, r: int) -> Path:
         return self.run_dir / f"round{r}" / "train" / "model_final.pth"
@@ -94,6 +145,10 @@ class PipelinePlan:
                      f"output_dir={_q(self.run_dir / f'round{r}' / 'train')}", "test.eval_period=0"]
         if int(self.cfg.seed) >= 0:
             overrides.append(f"seed={int(self.cfg.seed) + r}")
+        if self.u2seg:
+            from cutler.u2seg.pipeline import detector_overrides
+
+            overrides += detector_overrides(self.cfg)
         overrides += list(p.detector_overrides)
         if r > 0:
             overrides += list(p.selftrain_overrides) + [f"model.weights={_q(self.weights(r - 1))}"]
@@ -110,9 +165,13 @@ class PipelinePlan:
                             config={"num_train": self.cfg.pipeline.num_synthetic_train,
                                     "num_val": self.cfg.pipeline.num_synthetic_val}))
         inputs = {"images": str(self.train_images)}
-        st.append(Stage("maskcut", self._run_maskcut, inputs=inputs, outputs={"labels": str(self.labels(0))},
+        st.append(Stage("maskcut", self._run_maskcut, inputs=inputs, outputs={"labels": str(self.maskcut_labels())},
                         description="MaskCut pseudo-masks on the training images",
                         config=OmegaConf.to_container(self.maskcut_config().maskcut)))
+        if self.u2seg:
+            from cutler.u2seg.pipeline import label_stages
+
+            st += label_stages(self)
         for r in range(self.rounds + 1):
             if r > 0:
                 st.append(Stage(f"predict_r{r - 1}", lambda r=r: self._run_predict(r - 1),
@@ -157,23 +216,7 @@ class PipelinePlan:
         return {split: len(json.loads(paths.json_file.read_text())["images"]) for split, paths in splits.items()}
 
     def _run_maskcut(self) -> Dict[str, Any]:
-        from cutler.maskcut.dataset import list_dataset
-        from cutler.maskcut.pipeline import run_maskcut
-        from cutler.maskcut.writer import merge_outputs
-        from cutler.utils.seed import seed_everything
-
-        mcfg = self.maskcut_config()
-        seed_everything(max(int(self.cfg.seed), 0))  # random-init ViT weights are the same on every rerun
-        source = str(self.train_json if self.train_json is not None else self.train_images)
-        records, _ = list_dataset(source, str(self.train_images) if self.train_json is not None else None)
-        summary = run_maskcut(mcfg.maskcut, records, mcfg.maskcut.out_dir, 0, 1, None, progress=True)
-        counts = merge_outputs(mcfg.maskcut.out_dir, self.labels(0))
-        if counts["annotations"] == 0:
-            raise RuntimeError(f"MaskCut produced no pseudo-masks on {source}: nothing to train on "
-                               f"(summary: {summary.get('failures_by_reason')})")
-        return {"images": summary.get("processed", 0) + summary.get("skipped_already_done", 0),
-                "failed": summary.get("failed", 0), "pseudo_masks": counts["annotations"],
-                "img_per_s": summary.get("img_per_s")}
+        return run_maskcut_stage(self, "cluster" if self.u2seg else "train on")
 
     def _run_train(self, r: int) -> Dict[str, Any]:
         from cutler.engine import launch, train
@@ -187,16 +230,16 @@ class PipelinePlan:
         return _last_losses(metrics_file)
 
     def _load_model(self, r: int):
-        from cutler.modeling.build import build_model
-        from cutler.modeling.checkpoint import load_weights
+        from cutler.modeling.build import build_model_with_weights
 
         rcfg = self.round_config(r)
-        model = build_model(rcfg)
-        load_weights(model, str(self.weights(r)))
-        return model.eval(), rcfg
+        return build_model_with_weights(rcfg, self.weights(r), "shapes").eval(), rcfg
 
     def _run_eval(self, r: int) -> Dict[str, Any]:
-        from cutler.evaluation.evaluator import evaluate_dataset
+        if self.u2seg:  # class-aware predictions: matched and class-agnostic metrics from one inference pass
+            from cutler.u2seg.evaluation import evaluate_dataset
+        else:
+            from cutler.evaluation.evaluator import evaluate_dataset
 
         model, rcfg = self._load_model(r)
         results = {}
@@ -236,7 +279,8 @@ class PipelinePlan:
         out = run_inference(model, images, self.train_images, self.predictions(r).parent,
                             min_size=int(rcfg.input.min_size_test), max_size=int(rcfg.input.max_size_test),
                             batch_size=int(rcfg.eval.batch_size), num_workers=0,
-                            max_dets=int(rcfg.test.detections_per_image), with_masks=True, resume=True)
+                            max_dets=int(rcfg.test.detections_per_image), with_masks=True, class_aware=self.u2seg,
+                            resume=True)
         if out is None or not Path(out).is_file():
             raise RuntimeError(f"inference over the training images did not finish (see {self.predictions(r).parent})")
         if Path(out) != self.predictions(r):
@@ -248,13 +292,14 @@ class PipelinePlan:
 
         stats = merge_self_training_labels(self.labels(r - 1), self.predictions(r - 1), self.labels(r),
                                            score_thresh=self.thresholds[r - 1],
-                                           drop_iou_thresh=float(self.cfg.selftrain.drop_iou_thresh))
+                                           drop_iou_thresh=float(self.cfg.selftrain.drop_iou_thresh),
+                                           keep_categories=self.u2seg)
         return {"pseudo_masks": stats.annotations, **stats.as_dict()}
 
     def _run_report(self) -> Dict[str, Any]:
         from .stages import Manifest
 
-        counts = pseudo_mask_counts(Manifest(self.run_dir).data, self.rounds)
+        counts = pseudo_mask_counts(Manifest(self.run_dir).data, self.rounds, self.round0_stage)
         rows = []
         for r in range(self.rounds + 1):
             metrics = json.loads((self.eval_dir(r) / "metrics.json").read_text())
@@ -270,11 +315,12 @@ def _train_entry(cfg_container: dict) -> None:
     train(OmegaConf.create(cfg_container), resume=True)
 
 
-def pseudo_mask_counts(manifest_data: Dict[str, Any], rounds: int) -> List[Optional[int]]:
+def pseudo_mask_counts(manifest_data: Dict[str, Any], rounds: int, round0_stage: str = "maskcut"
+                       ) -> List[Optional[int]]:
     """Pseudo-masks each round trained on, as recorded by the stages that wrote the label files
-    (``maskcut`` for round 0, ``merge_rR`` after), so no multi-GB label JSON is read again to count;
-    None for a round whose labels do not exist yet."""
-    names = ["maskcut"] + [f"merge_r{r}" for r in range(1, rounds + 1)]
+    (``round0_stage``, ``maskcut`` or U2Seg's ``cluster``, for round 0; ``merge_rR`` after), so no multi-GB
+    label JSON is read again to count; None for a round whose labels do not exist yet."""
+    names = [round0_stage] + [f"merge_r{r}" for r in range(1, rounds + 1)]
     return [manifest_data["stages"].get(n, {}).get("metrics", {}).get("pseudo_masks") for n in names]
 
 

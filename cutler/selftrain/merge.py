@@ -1,11 +1,15 @@
 """Self-training label merge: confident predictions of round t become round t+1's pseudo-labels.
 
-Rule (``../shared/spec/selftrain_and_eval.md``), per image:
+Rule (CutLER's self-training), per image:
 - keep predictions with ``score >= score_thresh``;
 - drop previous pseudo-masks whose mask IoU with ANY kept prediction is ``> drop_iou_thresh``;
 - new labels = kept predictions + surviving previous masks (an image with no kept prediction
   keeps all its previous masks);
 - annotation ids are renumbered 1..N, areas and boxes recomputed from the masks.
+
+Labels are class-agnostic (one category "fg"), or, with ``keep_categories`` (U2Seg's clusters), every
+kept prediction keeps its predicted ``category_id``, every surviving previous mask its own, and the
+previous file's category list is kept.
 
 Memory: masks stay run-length encoded (mask IoU is computed on RLEs by pycocotools), predictions are
 read one chunk file at a time, and the output JSON is streamed to disk, so ImageNet-scale label sets
@@ -20,22 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
-import numpy as np
-import pycocotools.mask as mask_utils
-
+from cutler.structures.rle import rle_area, rle_iou, rle_to_bbox, rle_to_json, segmentation_to_rle
 from cutler.utils.io import atomic_open
 
 FG_CATEGORY = {"id": 1, "name": "fg", "supercategory": "fg"}
-
-
-def to_rle(segmentation, height: int, width: int) -> Dict:
-    """Any COCO segmentation (polygons, uncompressed or compressed RLE) -> compressed RLE with bytes counts."""
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation.get("counts"), list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    counts = segmentation["counts"]
-    return {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
 def select_labels(prev_rles: Sequence[Dict], pred_rles: Sequence[Dict], pred_scores: Sequence[float],
@@ -55,9 +47,7 @@ def select_labels(prev_rles: Sequence[Dict], pred_rles: Sequence[Dict], pred_sco
     kept_pred = [i for i, s in enumerate(pred_scores) if s >= score_thresh]
     if not kept_pred or not prev_rles:
         return kept_pred, list(range(len(prev_rles)))
-    # iou(dt, gt, iscrowd): rows = previous masks, columns = kept predictions; plain IoU (no crowd).
-    ious = np.asarray(mask_utils.iou(list(prev_rles), [pred_rles[i] for i in kept_pred], [0] * len(kept_pred)))
-    ious = ious.reshape(len(prev_rles), len(kept_pred))
+    ious = rle_iou(prev_rles, [pred_rles[i] for i in kept_pred])  # rows: previous masks, columns: kept predictions
     kept_prev = [j for j in range(len(prev_rles)) if not (ious[j] > drop_iou_thresh).any()]
     return kept_pred, kept_prev
 
@@ -134,12 +124,10 @@ class MergeStats:
         return {k: v for k, v in self.__dict__.items() if k != "per_image_counts"}
 
 
-def _annotation(rle: Dict, ann_id: int, image_id: int, score: float | None) -> Dict:
-    area = float(mask_utils.area(rle))
-    ann = {"id": ann_id, "image_id": image_id, "category_id": FG_CATEGORY["id"], "iscrowd": 0, "area": area,
-           "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-           "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")
-                            if isinstance(rle["counts"], bytes) else rle["counts"]}}
+def _annotation(rle: Dict, ann_id: int, image_id: int, score: float | None, category_id: int = FG_CATEGORY["id"]
+                ) -> Dict:
+    ann = {"id": ann_id, "image_id": image_id, "category_id": int(category_id), "iscrowd": 0, "area": rle_area(rle),
+           "bbox": rle_to_bbox(rle), "segmentation": rle_to_json(rle)}
     if score is not None:
         ann["score"] = float(score)
     return ann
@@ -147,7 +135,7 @@ def _annotation(rle: Dict, ann_id: int, image_id: int, score: float | None) -> D
 
 def merge_self_training_labels(prev_ann_file: os.PathLike | str, predictions: os.PathLike | str,
                                out_file: os.PathLike | str, score_thresh: float = 0.7,
-                               drop_iou_thresh: float = 0.5) -> MergeStats:
+                               drop_iou_thresh: float = 0.5, keep_categories: bool = False) -> MergeStats:
     """Write round t+1's label file from round t's labels and round t's predictions.
 
     Args:
@@ -156,6 +144,8 @@ def merge_self_training_labels(prev_ann_file: os.PathLike | str, predictions: os
         out_file: where to write the new COCO JSON (atomically).
         score_thresh: the round's confidence threshold.
         drop_iou_thresh: mask IoU above which a previous mask is replaced by a kept prediction.
+        keep_categories: keep the categories of predictions and previous masks (see the module docstring);
+            a prediction whose ``category_id`` the previous file does not list is an error.
 
     Returns:
         :class:`MergeStats`.
@@ -169,48 +159,59 @@ def merge_self_training_labels(prev_ann_file: os.PathLike | str, predictions: os
     if not images:
         raise ValueError(f"{prev_ann_file}: no images in the previous label file")
     sizes = {im["id"]: (im["height"], im["width"]) for im in images}
+    categories = (prev.get("categories") or [FG_CATEGORY]) if keep_categories else [FG_CATEGORY]
+    known_categories = {c["id"] for c in categories}
     prev_by_image: Dict[int, List[Dict]] = defaultdict(list)
+    prev_cats: Dict[int, List[int]] = defaultdict(list)
     for ann in prev.get("annotations", []):
         if ann["image_id"] not in sizes:
             raise ValueError(f"{prev_ann_file}: annotation {ann.get('id')} refers to unknown image id {ann['image_id']}")
         h, w = sizes[ann["image_id"]]
-        prev_by_image[ann["image_id"]].append(to_rle(ann["segmentation"], h, w))
+        prev_by_image[ann["image_id"]].append(segmentation_to_rle(ann["segmentation"], h, w))
+        prev_cats[ann["image_id"]].append(int(ann.get("category_id", FG_CATEGORY["id"])) if keep_categories
+                                          else FG_CATEGORY["id"])
     del prev
     # Only kept predictions are retained, as compressed RLEs grouped per image.
-    pred_by_image: Dict[int, List[Tuple[Dict, float]]] = defaultdict(list)
+    pred_by_image: Dict[int, List[Tuple[Dict, float, int]]] = defaultdict(list)
     for block in iter_predictions(predictions):
         for res in block:
             if res["score"] < score_thresh:
                 continue
             if res["image_id"] not in sizes:
                 raise ValueError(f"prediction for image id {res['image_id']} which {prev_ann_file} does not list")
+            cat = int(res.get("category_id", FG_CATEGORY["id"])) if keep_categories else FG_CATEGORY["id"]
+            if cat not in known_categories:
+                raise ValueError(f"prediction of category {cat} on image {res['image_id']}, which is not a category "
+                                 f"of {prev_ann_file}")
             h, w = sizes[res["image_id"]]
-            pred_by_image[res["image_id"]].append((to_rle(res["segmentation"], h, w), float(res["score"])))
+            pred_by_image[res["image_id"]].append((segmentation_to_rle(res["segmentation"], h, w), float(res["score"]),
+                                                   cat))
 
     stats = MergeStats(images=len(images))
     next_id = 1
     with atomic_open(out_file, "w", encoding="utf-8") as f:
         f.write('{"info": {"description": "cutler self-training labels"}, "categories": ')
-        f.write(json.dumps([FG_CATEGORY]))
+        f.write(json.dumps(categories))
         f.write(', "images": ')
         f.write(json.dumps(images))
         f.write(', "annotations": [')
         first = True
         for im in images:
             prev_rles = prev_by_image.pop(im["id"], [])
+            cats = prev_cats.pop(im["id"], [])
             preds = pred_by_image.pop(im["id"], [])
             kept_pred, kept_prev = select_labels(prev_rles, [p[0] for p in preds], [p[1] for p in preds],
                                                  score_thresh, drop_iou_thresh)
-            new = [(preds[i][0], preds[i][1]) for i in kept_pred] + [(prev_rles[j], None) for j in kept_prev]
+            new = [preds[i] for i in kept_pred] + [(prev_rles[j], None, cats[j]) for j in kept_prev]
             stats.kept_predictions += len(kept_pred)
             stats.kept_previous += len(kept_prev)
             stats.dropped_previous += len(prev_rles) - len(kept_prev)
             stats.images_with_new_labels += bool(kept_pred)
             count = 0
-            for rle, score in new:
-                if mask_utils.area(rle) < 1:
+            for rle, score, cat in new:
+                if rle_area(rle) < 1:
                     continue
-                f.write(("" if first else ", ") + json.dumps(_annotation(rle, next_id, im["id"], score)))
+                f.write(("" if first else ", ") + json.dumps(_annotation(rle, next_id, im["id"], score, cat)))
                 first = False
                 next_id += 1
                 count += 1
@@ -230,7 +231,10 @@ def merge_rounds_cli(argv: Iterable[str] | None = None) -> MergeStats:
     parser.add_argument("--save-path", required=True, help="output COCO JSON")
     parser.add_argument("--threshold", type=float, default=0.7, help="confidence threshold of this round")
     parser.add_argument("--drop-iou", type=float, default=0.5, help="mask IoU above which previous masks are dropped")
+    parser.add_argument("--keep-categories", action="store_true",
+                        help="keep predicted and previous category ids (U2Seg cluster labels) instead of one 'fg'")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    stats = merge_self_training_labels(args.prev_ann, args.new_pred, args.save_path, args.threshold, args.drop_iou)
+    stats = merge_self_training_labels(args.prev_ann, args.new_pred, args.save_path, args.threshold, args.drop_iou,
+                                       args.keep_categories)
     print(json.dumps(stats.as_dict(), indent=1))
     return stats

@@ -26,7 +26,7 @@ import torch
 
 from ..data.mapper import resize_uint8
 from ..maskcut.dataset import ImageRecord, collate_items
-from ..maskcut.pipeline import _Inline, _reason_kind, feed_batches, make_crf_pool, resolve_crf_mode
+from ..maskcut.pipeline import BatchRunner, PostprocessQueue, ShardProgress, make_crf_pool, resolve_crf_mode
 from ..maskcut.vit import DinoFeatureExtractor
 from ..maskcut.writer import ShardWriter, shard_dir_name
 from ..utils.device import resolve_device
@@ -253,6 +253,30 @@ def merge_settings(ucfg, device: torch.device) -> MergeSettings:
     return MergeSettings.from_config(ucfg, "precomputed" if mode == "torch" else mode)
 
 
+class DivideConquerRunner(BatchRunner):
+    """UnSAM's batch loop: divide and conquer a batch on the device, then each image's merge step queued."""
+
+    what = "divide-and-conquer"
+
+    def __init__(self, model: DivideConquerModel, settings: MergeSettings, queue: PostprocessQueue,
+                 progress: ShardProgress):
+        super().__init__(queue, progress, model.timings)
+        self.model, self.settings = model, settings
+
+    def run_batch(self, items: List[dict]) -> None:
+        """Divide-and-conquer output of ``items`` (square frames), each image's merge step queued."""
+        raw = self.model([it["image"] for it in items])
+        if self.settings.crf == "precomputed":  # the torch CRF: the merge step runs here, on the device
+            jobs = [(r, it["image"], it["width"], it["height"], self.settings, self.model.device)
+                    for it, r in zip(items, raw)]
+        else:
+            jobs = [(it["image"], it["width"], it["height"], r["rles"], r["scores"], r["level_labels"], self.settings)
+                    for it, r in zip(items, raw)]
+        # queued only once the whole batch went through the device: a retry image by image adds nothing twice
+        for it, args in zip(items, jobs):
+            self.queue.submit(it, args)
+
+
 def run_divide_conquer(ucfg, records: Sequence[ImageRecord], out_dir: str, shard_index: int = 0,
                        num_shards: int = 1, progress: bool = True,
                        model: Optional[DivideConquerModel] = None) -> dict:
@@ -280,63 +304,32 @@ def run_divide_conquer(ucfg, records: Sequence[ImageRecord], out_dir: str, shard
         SquareImages(todo, ucfg.divide.image_size), batch_size=max(1, int(ucfg.divide.batch_size)), shuffle=False,
         num_workers=max(0, min(int(ucfg.num_workers), os.cpu_count() or 1)), collate_fn=collate_items)
     pool = make_crf_pool(int(ucfg.merge.workers)) if todo and crf_mode != "torch" else None
-    pending: collections.deque = collections.deque()
-    reasons: collections.Counter = collections.Counter()
     totals: collections.Counter = collections.Counter()
     timings = model.timings
     timings.clear()
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True,
-               desc=f"divide-conquer {shard_index}/{num_shards}")
 
-    def fail(rec: ImageRecord, reason: str) -> None:
-        writer.add_failure(rec.id, rec.file_name, reason)
-        reasons[_reason_kind(reason)] += 1
-        bar.update(1)
-
-    def finish(rec, w, h, anns, stats) -> None:
+    def account(stats: dict) -> None:
         for k, v in stats.items():
             if k == "seconds":
                 timings["postprocess"] += sum(v.values())
             else:
                 totals[k] += v
-        writer.add(rec.id, rec.file_name, w, h, anns)
-        bar.update(1)
 
-    def drain(limit: int) -> None:
-        while len(pending) > limit:
-            rec, w, h, fut = pending.popleft()
-            try:
-                anns, stats = fut.result()
-            except Exception as e:  # noqa: BLE001 - one image's post-processing must not stop the run
-                fail(rec, f"post-processing failed: {type(e).__name__}: {e}")
-                continue
-            finish(rec, w, h, anns, stats)
-
-    def run_batch(items: List[dict]) -> None:
-        raw = model([it["image"] for it in items])
-        futures = []
-        for it, r in zip(items, raw):
-            if crf_mode == "torch":
-                fut = _Inline(merge_image, r, it["image"], it["width"], it["height"], settings, device)
-            else:
-                args = (it["image"], it["width"], it["height"], r["rles"], r["scores"], r["level_labels"], settings)
-                fut = pool.submit(postprocess_image, *args) if pool else _Inline(postprocess_image, *args)
-            futures.append((it["record"], it["width"], it["height"], fut))
-        pending.extend(futures)  # only once the whole batch went through the device: a retry adds nothing twice
-
-    max_pending = max(4, 4 * (pool._max_workers if pool else 1))
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True,
+               desc=f"divide-conquer {shard_index}/{num_shards}")
+    shard = ShardProgress(writer, bar)
+    queue = PostprocessQueue(pool, shard, timings, max(4, 4 * (pool._max_workers if pool else 1)),
+                             fn=merge_image if crf_mode == "torch" else postprocess_image, account=account)
     try:
-        feed_batches(loader, run_batch, fail, lambda: drain(max_pending), timings, "divide-and-conquer")
-        drain(0)
+        DivideConquerRunner(model, settings, queue, shard).run(loader)
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        queue.close()
     wall = time.perf_counter() - t_start
     summary = {
         "shard_index": shard_index, "num_shards": num_shards, "images_in_shard": len(records),
         "skipped_already_done": skipped, "processed": writer.num_images, "failed": writer.num_failed,
-        "failures_by_reason": dict(reasons), "annotations": writer.num_annotations, "counts": dict(totals),
+        "failures_by_reason": dict(shard.reasons), "annotations": writer.num_annotations, "counts": dict(totals),
         "crf": crf_mode, "device": str(device), "wall_s": wall,
         "img_per_s": (writer.num_images + writer.num_failed) / wall if wall > 0 else 0.0,
         "phase_s": {k: timings.get(k, 0.0) for k in PHASES},
@@ -345,5 +338,5 @@ def run_divide_conquer(ucfg, records: Sequence[ImageRecord], out_dir: str, shard
     return summary
 
 
-__all__ = ["DivideConquerModel", "SquareImages", "build_divide_detector", "mask_boxes", "merge_image", "merge_settings",
-           "run_divide_conquer"]
+__all__ = ["DivideConquerModel", "DivideConquerRunner", "SquareImages", "build_divide_detector", "mask_boxes",
+           "merge_image", "merge_settings", "run_divide_conquer"]

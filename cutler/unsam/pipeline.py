@@ -26,7 +26,7 @@ from typing import Any, Dict, List
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..pipeline.runner import PipelinePlan, _last_losses
+from ..pipeline.runner import PipelinePlan, _last_losses, training_records
 from ..pipeline.stages import Stage
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.logging import get_logger
@@ -93,7 +93,8 @@ class UnsamPlan:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         u = cfg.unsam
-        detector = PipelinePlan(_derived(cfg, {"selftrain.rounds": 0}))
+        # the divide detector is a CutLER round 0, the segmenter rounds CutLER rounds on other labels
+        detector = PipelinePlan(_derived(cfg, {"selftrain.rounds": 0, "pipeline.variant": "cutler"}))
         if detector.embedded:  # the synthetic scenes with inner parts: a hierarchy exists to be found
             split = detector.datasets_root / "synthetic_parts" / "train"
             detector.train_json, detector.train_images = split / "annotations.json", split / "images"
@@ -102,6 +103,7 @@ class UnsamPlan:
         self.embedded = detector.embedded
         rounds = int(u.learn.selftrain_rounds)
         seg_cfg = _derived(cfg, {
+            "pipeline.variant": "cutler",
             "pipeline.run_dir": str(self.run_dir / "segmenter"),
             "pipeline.detector_config": u.learn.config,
             "pipeline.detector_overrides": list(u.learn.overrides),
@@ -186,7 +188,6 @@ class UnsamPlan:
         return {split: len(json.loads(paths.json_file.read_text())["images"]) for split, paths in splits.items()}
 
     def _run_divide_conquer(self) -> Dict[str, Any]:
-        from ..maskcut.dataset import list_dataset
         from ..maskcut.writer import merge_outputs
         from ..utils.seed import seed_everything
         from .divide_conquer import run_divide_conquer
@@ -195,7 +196,7 @@ class UnsamPlan:
         seed_everything(max(int(self.cfg.seed), 0))  # random-init ViT weights are the same on every rerun
         d = self.detector
         source = str(d.train_json if d.train_json is not None else d.train_images)
-        records, _ = list_dataset(source, str(d.train_images) if d.train_json is not None else None)
+        records = training_records(d.train_json, d.train_images)
         summary = run_divide_conquer(ucfg, records, ucfg.out_dir, 0, 1, progress=True)
         counts = merge_outputs(ucfg.out_dir, self.labels, info={"description": "UnSAM divide-and-conquer "
                                                                               "pseudo-masks (cutler)"})

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..boxes import clip_boxes, nonempty_boxes
+from ...structures.boxes import clip_boxes, nonempty_boxes
 
 
 def pad_and_stack(images: List[Tensor], size_divisibility: int, pad_value: float = 0.0) -> Tensor:

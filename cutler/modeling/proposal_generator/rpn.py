@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import batched_nms, generalized_box_iou_loss
 
+from ...structures.boxes import clip_boxes, nonempty_boxes, pairwise_iou
 from ..anchor_generator import DefaultAnchorGenerator, build_anchor_generator
 from ..box_coding import Box2BoxTransform
-from ..boxes import clip_boxes, nonempty_boxes, pairwise_iou
 from ..layers import Conv2d
 from ..matcher import Matcher
 from ..sampling import subsample_labels

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..boxes import pairwise_iou
+from ...structures.boxes import pairwise_iou
 from ..droploss import droploss_weights
 from ..matcher import Matcher
 from ..poolers import ROIPooler

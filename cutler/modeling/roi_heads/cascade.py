@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ...structures.boxes import nonempty_boxes
 from ..box_coding import Box2BoxTransform
-from ..boxes import nonempty_boxes
 from ..matcher import Matcher
 from ..shape_spec import ShapeSpec
 from .base import ProposalBatch, ROIHeadsBase, Target, clip_boxes_per_image, input_shape_args, scale_gradient

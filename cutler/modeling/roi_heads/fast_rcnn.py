@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import batched_nms, complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
+from ...structures.boxes import clip_boxes
 from ..box_coding import Box2BoxTransform
-from ..boxes import clip_boxes
 from ..droploss import droploss_cross_entropy
 
 __all__ = ["FastRCNNOutputLayers", "box_regression_loss", "fast_rcnn_losses", "fast_rcnn_inference",

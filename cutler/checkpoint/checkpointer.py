@@ -23,6 +23,8 @@ import torch
 from cutler.utils.io import atomic_torch_save, atomic_write_text
 from cutler.utils.logging import get_logger
 
+from .weights import torch_load_weights_only
+
 logger = get_logger(__name__)
 
 _PERIODIC = re.compile(r"^model_(\d{7})\.pth$")
@@ -107,4 +109,4 @@ class Checkpointer:
     @staticmethod
     def load(path: str | Path) -> Dict[str, Any]:
         """Read one of our checkpoints (``weights_only=True``, onto the CPU)."""
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_weights_only(path)
