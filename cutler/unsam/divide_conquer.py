@@ -29,6 +29,8 @@ from ..maskcut.dataset import ImageRecord, collate_items
 from ..maskcut.pipeline import BatchRunner, PostprocessQueue, ShardProgress, make_crf_pool, resolve_crf_mode
 from ..maskcut.vit import DinoFeatureExtractor
 from ..maskcut.writer import ShardWriter, shard_dir_name
+from ..structures.masks import masks_to_boxes
+from ..structures.rle import encode_masks
 from ..utils.device import resolve_device
 from ..utils.image import ImageReadError, read_image_rgb
 from ..utils.logging import get_logger
@@ -83,18 +85,6 @@ def build_divide_detector(ucfg, device: torch.device):
     return build_eval_model(dcfg, d.weights or None, device=str(device))
 
 
-def mask_boxes(masks: torch.Tensor) -> tuple:
-    """Tight boxes of ``(n, H, W)`` bool masks: ``((n, 4) float32 XYXY with exclusive ends, (n,) nonempty)``."""
-    rows, cols = masks.any(dim=2), masks.any(dim=1)
-    nonempty = rows.any(dim=1)
-    h, w = masks.shape[1:]
-    y0 = rows.float().argmax(dim=1)
-    y1 = h - rows.flip(1).float().argmax(dim=1)
-    x0 = cols.float().argmax(dim=1)
-    x1 = w - cols.flip(1).float().argmax(dim=1)
-    return torch.stack([x0, y0, x1, y1], dim=1).float(), nonempty
-
-
 class DivideConquerModel:
     """The device part of UnSAM's pseudo-mask generator for one configuration.
 
@@ -139,8 +129,7 @@ class DivideConquerModel:
             scores = inst["scores"].to(self.device).float()
             keep = scores > float(self.cfg.divide.score_thresh)
             masks, scores = masks[keep], scores[keep]
-            boxes, nonempty = mask_boxes(masks) if len(masks) else (torch.zeros(0, 4, device=self.device),
-                                                                       torch.zeros(0, dtype=torch.bool, device=self.device))
+            boxes, nonempty = masks_to_boxes(masks), masks.flatten(1).any(dim=1)
             order = torch.argsort(scores[nonempty], descending=True, stable=True)
             result.append({"masks": masks[nonempty][order], "scores": scores[nonempty][order],
                            "boxes": boxes[nonempty][order]})
@@ -191,8 +180,6 @@ class DivideConquerModel:
         Returns:
             Per image ``{"rles": divide masks as RLE, "scores": [...], "level_labels": [(L, N) array per mask]}``.
         """
-        from pycocotools import mask as mask_util
-
         t0 = time.perf_counter()
         x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).contiguous()
         divided = self.divide(x)
@@ -206,8 +193,7 @@ class DivideConquerModel:
         for d in divided:
             masks = d["masks"].cpu().numpy()
             n = len(masks)
-            rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))) if n else []
-            out.append({"rles": list(rles), "scores": d["scores"].cpu().tolist(), "level_labels": list(labels[k:k + n])})
+            out.append({"rles": encode_masks(masks), "scores": d["scores"].cpu().tolist(), "level_labels": list(labels[k:k + n])})
             k += n
         return out
 
@@ -338,5 +324,5 @@ def run_divide_conquer(ucfg, records: Sequence[ImageRecord], out_dir: str, shard
     return summary
 
 
-__all__ = ["DivideConquerModel", "DivideConquerRunner", "SquareImages", "build_divide_detector", "mask_boxes",
-           "merge_image", "merge_settings", "run_divide_conquer"]
+__all__ = ["DivideConquerModel", "DivideConquerRunner", "SquareImages", "build_divide_detector", "merge_image",
+           "merge_settings", "run_divide_conquer"]

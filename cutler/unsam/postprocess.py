@@ -1,7 +1,7 @@
 """Per-image UnSAM merge step on CPU: part masks back to the image, mask NMS, dense-CRF refinement, filtering,
 hierarchy bookkeeping, COCO annotations.
 
-Everything here is plain numpy / pycocotools / PIL so that :func:`postprocess_image` can run in a process pool
+Everything here is a plain function of numpy arrays so that :func:`postprocess_image` can run in a process pool
 beside the device work. Masks live in the square frame the detector saw (``S x S``, ``unsam.divide.image_size``)
 until the very end, when the survivors are resized to the original image.
 """
@@ -13,11 +13,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+import torch
 from pycocotools import mask as mask_util
 
+from ..data.mapper import resize_uint8
 from ..maskcut.crf import CRFParams, pydensecrf_refine
 from ..maskcut.postprocess import encode_mask, resize_mask
-from ..data.mapper import resize_uint8
+from ..structures.masks import mask_iou
+from ..structures.rle import encode_masks, rle_area, rle_iou
 from .hierarchy import cluster_tree, mask_nms, nms_order, resolve_parents
 
 
@@ -52,10 +55,6 @@ def tight_box(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
     return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
 
 
-def _encode(mask: np.ndarray) -> dict:
-    return mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-
-
 @dataclass
 class Candidates:
     """The masks of one image in the ``S x S`` frame with their hierarchy (index-aligned lists)."""
@@ -68,7 +67,7 @@ class Candidates:
     boxes: List[Tuple[int, int, int, int]] = field(default_factory=list)
 
     def add(self, mask: np.ndarray, box, level: int, finest: int, parent: int, score: Optional[float]) -> int:
-        self.rles.append(_encode(mask))
+        self.rles.append(encode_masks(mask[None])[0])
         self.levels.append(level)
         self.finest_levels.append(finest)
         self.parents.append(parent)
@@ -148,11 +147,6 @@ def crf_inputs(image: np.ndarray, mask: np.ndarray, window, crf_size: int) -> Tu
     return img, m
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 class ImageHierarchy:
     """One image's candidates through NMS, refinement and the final annotations.
 
@@ -178,8 +172,8 @@ class ImageHierarchy:
         if n == 0:
             self.stats["after_nms"] = 0
             return
-        ious = np.asarray(mask_util.iou(self.cand.rles, self.cand.rles, [0] * n)).reshape(n, n)
-        areas = mask_util.area(self.cand.rles)
+        ious = rle_iou(self.cand.rles, self.cand.rles)
+        areas = [rle_area(r) for r in self.cand.rles]
         keep, suppressed_by = mask_nms(ious, nms_order(self.cand.levels, areas), self.settings.nms_iou)
         self.alive &= keep
         self.replaced_by = suppressed_by
@@ -211,7 +205,8 @@ class ImageHierarchy:
                 x0, y0, x1, y1 = refine_window(self.cand.boxes[i], size, s.crf_context)
                 refined = np.zeros_like(mask)
                 refined[y0:y1, x0:x1] = resize_mask(np.asarray(outputs[k]), x1 - x0, y1 - y0)
-                if _iou(mask, refined) < s.crf_iou_thresh:
+                if float(mask_iou(torch.from_numpy(mask).flatten(), torch.from_numpy(refined).flatten())) \
+                        < s.crf_iou_thresh:
                     self.alive[i] = False
                     dropped_crf += 1
                     continue

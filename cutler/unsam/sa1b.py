@@ -20,9 +20,8 @@ import random
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from pycocotools import mask as mask_util
-
 from ..evaluation.coco_eval import AGNOSTIC_CATEGORY
+from ..structures.rle import rle_area, rle_to_bbox, rle_to_json, segmentation_to_rle
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -100,15 +99,13 @@ def convert_sa1b(files: Iterable[os.PathLike | str], image_root: Optional[os.Pat
                 raise SA1BFormatError(f"{path}: annotation {k} has no RLE 'segmentation' with 'size' and 'counts'")
             if [int(v) for v in seg["size"]] != [h, w]:
                 raise SA1BFormatError(f"{path}: annotation {k} mask size {seg['size']} differs from the image {h}x{w}")
-            rle = {"size": [h, w], "counts": seg["counts"].encode("ascii") if isinstance(seg["counts"], str)
-                   else seg["counts"]}
-            area = float(ann["area"]) if "area" in ann else float(mask_util.area(rle))
-            bbox = [float(v) for v in ann["bbox"]] if "bbox" in ann else [float(v) for v in mask_util.toBbox(rle)]
+            rle = segmentation_to_rle(seg, h, w)
+            area = float(ann["area"]) if "area" in ann else rle_area(rle)
+            bbox = [float(v) for v in ann["bbox"]] if "bbox" in ann else rle_to_bbox(rle)
             if area <= 0:
                 continue
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                                "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")
-                                                 if isinstance(rle["counts"], bytes) else rle["counts"]},
+                                "segmentation": rle_to_json(rle),
                                 "area": area, "bbox": bbox})
     logger.info("SA-1B: %d images, %d masks", len(images), len(annotations))
     return {"info": {"description": "class-agnostic SA-1B (converted by cutler)"}, "images": images,

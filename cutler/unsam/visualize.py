@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
+from ..structures.rle import segmentation_to_rle
 from ..utils.visualization import save_rgb_png
 
 
@@ -32,15 +33,7 @@ def _roots_and_depths(anns: Sequence[Mapping]) -> Dict[int, tuple]:
 
 
 def _decode(ann: Mapping, height: int, width: int) -> np.ndarray:
-    seg = ann["segmentation"]
-    if isinstance(seg, list):
-        rle = mask_util.merge(mask_util.frPyObjects(seg, height, width))
-    elif isinstance(seg.get("counts"), list):
-        rle = mask_util.frPyObjects(seg, height, width)
-    else:
-        rle = {"size": seg["size"], "counts": seg["counts"].encode("ascii") if isinstance(seg["counts"], str)
-               else seg["counts"]}
-    return mask_util.decode(rle).astype(bool)
+    return mask_util.decode(segmentation_to_rle(ann["segmentation"], height, width)).astype(bool)
 
 
 def hierarchy_levels(anns: Sequence[Mapping]) -> List[int]:
