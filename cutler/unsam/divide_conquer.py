@@ -72,17 +72,22 @@ class SquareImages(torch.utils.data.Dataset):
 
 
 def build_divide_detector(ucfg, device: torch.device):
-    """The divide detector of ``unsam.divide`` in eval mode (random weights, with a loud warning, when
-    ``unsam.divide.weights`` is empty)."""
+    """The divide detector of ``unsam.divide`` in eval mode, its weights loaded with strictness ``"shapes"``
+    (random weights, with a loud warning, when ``unsam.divide.weights`` is empty)."""
     from ..config import load_config
-    from ..evaluation.evaluator import build_eval_model
+    from ..modeling.build import build_model_with_weights
 
     d = ucfg.divide
     dcfg = load_config(d.detector_config, list(d.detector_overrides))
     if not bool(dcfg.model.mask_on):
         raise ValueError(f"unsam.divide.detector_config {d.detector_config} has model.mask_on=false: the divide "
                          "step needs a detector that predicts masks")
-    return build_eval_model(dcfg, d.weights or None, device=str(device))
+    if not d.weights:
+        logger.warning("!" * 80)
+        logger.warning("unsam.divide.weights is empty: the divide detector is RANDOMLY INITIALISED and its masks are "
+                       "noise (give a trained CutLER detector for real pseudo-masks)")
+        logger.warning("!" * 80)
+    return build_model_with_weights(dcfg, d.weights, "shapes", device=device).eval()
 
 
 class DivideConquerModel:

@@ -10,9 +10,9 @@ keys, without touching them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict
 
+from ..pipeline.runner import train_round
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -34,29 +34,15 @@ class Segmenter:
     description: str = ""
 
 
-def _train_cascade(cfg: Any, num_gpus: int) -> None:
-    from omegaconf import OmegaConf
-
-    from ..engine import launch, train
-    from ..pipeline.runner import _train_entry
-
-    if num_gpus > 1:
-        launch(_train_entry, num_gpus, args=(OmegaConf.to_container(cfg),))
-    else:
-        train(cfg, resume=True)
-
-
 def _build_cascade(cfg: Any, weights: str) -> Any:
-    from ..evaluation.evaluator import build_eval_model
+    from ..modeling.build import build_model_with_weights
 
-    if weights and not Path(weights).is_file():
-        raise FileNotFoundError(f"segmenter weights {weights} not found")
-    return build_eval_model(cfg, weights or None)
+    return build_model_with_weights(cfg, weights, "shapes").eval()
 
 
 SEGMENTERS: Dict[str, Segmenter] = {
     "cascade_mask_rcnn": Segmenter(
-        _train_cascade, _build_cascade,
+        train_round, _build_cascade,
         "our Cascade Mask R-CNN (the CutLER detector) as a whole-image segmenter; its model.*/solver.* config keys"),
 }
 
