@@ -161,8 +161,9 @@ def main(argv=None):
     res["ratio_merge"] = res["ours"]["merge_crops_per_s"] / res["reference"]["merge_crops_per_s"]
     print(json.dumps(res, indent=2))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        from cutler.utils.io import atomic_write_json
+
+        atomic_write_json(a.json, res, indent=2)
     return res
 
 

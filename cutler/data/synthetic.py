@@ -42,7 +42,7 @@ SHAPES_JSON = "annotations_shapes.json"
 STUFF_CLASSES = ("sky", "ground", "water")  # the panoptic variant's stuff, behind the objects
 MIN_VISIBLE_AREA = 24  # px: smaller visible remnants are not annotated (they are not objects anymore)
 MIN_PART_PARENT_AREA = 900  # px: objects (and parts) smaller than this get no parts
-PARTS_STREAM = 7  # the extra seed component of the parts' random stream (as the stuff background's: never drawn together)
+PARTS_STREAM = 7  # extra seed component of the parts' random stream (the stuff background's too: never both)
 
 
 @dataclass(frozen=True)

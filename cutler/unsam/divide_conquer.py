@@ -25,14 +25,13 @@ import numpy as np
 import torch
 
 from ..data.mapper import resize_uint8
-from ..maskcut.dataset import ImageRecord, collate_items
+from ..maskcut.dataset import DecodedImages, ImageRecord, collate_items
 from ..maskcut.pipeline import BatchRunner, PostprocessQueue, ShardProgress, make_crf_pool, resolve_crf_mode
 from ..maskcut.vit import DinoFeatureExtractor
 from ..maskcut.writer import ShardWriter, shard_dir_name
 from ..structures.masks import masks_to_boxes
 from ..structures.rle import encode_masks
 from ..utils.device import resolve_device
-from ..utils.image import ImageReadError, read_image_rgb
 from ..utils.logging import get_logger
 from .merging import check_thresholds, iterative_merge
 from .postprocess import ImageHierarchy, MergeSettings, build_candidates, postprocess_image
@@ -47,28 +46,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class SquareImages(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers and resizes them to ``size x size`` (PIL bilinear, as the
-    detector's test-time resize); never raises for a bad image (the item carries ``error`` instead)."""
+class SquareImages(DecodedImages):
+    """Items with ``image``: the decoded image resized to ``size x size`` (PIL bilinear, as the detector's
+    test-time resize); see :class:`cutler.maskcut.dataset.DecodedImages`."""
 
     def __init__(self, records: Sequence[ImageRecord], size: int):
-        self.records, self.size = list(records), int(size)
+        super().__init__(records)
+        self.size = int(size)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        rec = self.records[i]
-        t0 = time.perf_counter()
-        try:
-            rgb = read_image_rgb(rec.path)
-        except ImageReadError as e:
-            return {"record": rec, "error": e.reason}
-        except (MemoryError, OSError, ValueError) as e:
-            return {"record": rec, "error": f"{type(e).__name__}: {e}"}
-        return {"record": rec, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
-                "image": np.ascontiguousarray(resize_uint8(rgb, self.size, self.size)),
-                "decode_s": time.perf_counter() - t0}
+    def prepare(self, rgb: np.ndarray) -> dict:
+        return {"image": np.ascontiguousarray(resize_uint8(rgb, self.size, self.size))}
 
 
 def build_divide_detector(ucfg, device: torch.device):
