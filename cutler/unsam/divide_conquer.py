@@ -98,7 +98,10 @@ class DivideConquerModel:
             raise ValueError(f"unsam.conquer.crop_size {c.crop_size} is not a multiple of the patch size {c.patch_size}")
         self.grid = (c.crop_size // c.patch_size,) * 2
         self.detector = detector if detector is not None else build_divide_detector(ucfg, self.device)
-        self.extractor = DinoFeatureExtractor(c.vit_arch, c.patch_size, "k", c.pretrain_path, c.dtype).to(self.device)
+        self.extractor = DinoFeatureExtractor(
+            c.vit_arch, c.patch_size, "k", c.pretrain_path, c.dtype,
+            "for UnSAM's conquer step (no unsam.conquer.pretrain_path given): the parts are meaningless except for "
+            "tests and demos").to(self.device)
         self.timings: Dict[str, float] = collections.defaultdict(float)
 
     @torch.no_grad()
