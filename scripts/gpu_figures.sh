@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure BENCHMARKS.md still lacks, in one command for a machine with a CUDA GPU.
 #
-#   bash scripts/gpu_figures.sh [OUT_DIR] [PART ...]     PART: tests crf maskcut model train kmeans (default: all)
+#   bash scripts/gpu_figures.sh [OUT_DIR] [PART ...]     PART: tests crf maskcut model train kmeans unsam (default: all)
 #
 # Each part writes OUT_DIR/<part>.json (and .log) and is bounded to a few minutes on an H100, so a session
 # with a short GPU lease can run the parts one call at a time. Random seeded weights and the embedded
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-gpu_figures}"
 shift || true
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests crf maskcut model train kmeans)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests crf maskcut model train kmeans unsam)
 mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:-}:$PWD"
 export CUTLER_DATASETS="${CUTLER_DATASETS:-$OUT/datasets}"
@@ -56,7 +56,10 @@ for part in "${PARTS[@]}"; do
     kmeans)   # U2Seg K-means: torch on the GPU (resident, streamed) vs faiss and scikit-learn on the CPU
       run kmeans "$PY" scripts/bench_kmeans.py --device cuda --num-points 500000 --dim 768 --clusters 800 --iters 10 \
           --threads 16 --json "$OUT/kmeans.json" ;;
-    *) echo "unknown part '$part' (tests crf maskcut model train kmeans)"; exit 2 ;;
+    unsam)    # UnSAM conquer: batched merging vs the sequential reference, ViT-B/8 256 px crops, agreement
+      run unsam "$PY" scripts/bench_unsam.py --device cuda --num-crops 512 --batch-size 128 --reference-crops 16 \
+          --root "$OUT/unsam_datasets" --json "$OUT/unsam.json" ;;
+    *) echo "unknown part '$part' (tests crf maskcut model train kmeans unsam)"; exit 2 ;;
   esac
 done
 echo "figures in $OUT/: record them in BENCHMARKS.md with the device in $OUT/device.txt"

@@ -141,6 +141,34 @@ def test_mapper_drops_instances_whose_mask_vanished(tmp_path):
         np.asarray(Image.fromarray(block.astype(np.uint8)).resize((32, 24), Image.NEAREST)).astype(bool)))
 
 
+def test_mapper_samples_at_most_max_instances_without_changing_other_draws(tmp_path):
+    """dataloader.max_instances_per_image: a random subset (fixed by the sample's generator) of distinct
+    annotations, in file order; the flip draw before it is unchanged, and images with fewer are untouched."""
+    img = np.zeros((40, 40, 3), np.uint8)
+    masks = []
+    for k in range(10):
+        m = np.zeros((40, 40), bool)
+        m[k * 4:k * 4 + 3, k:k + 20] = True
+        masks.append(m)
+    rec = _write_record(tmp_path, img, masks)
+    full = DatasetMapper(MapperParams([40], 1000, flip="horizontal"))
+    capped = DatasetMapper(MapperParams([40], 1000, flip="horizontal", max_instances=4))
+    flips = set()
+    for seed in range(6):
+        a = full(rec, np.random.default_rng(seed))["instances"]
+        b = capped(rec, np.random.default_rng(seed))["instances"]
+        c = capped(rec, np.random.default_rng(seed))["instances"]
+        assert len(a["classes"]) == 10 and len(b["classes"]) == 4 and torch.equal(b["classes"], c["classes"])
+        kept = b["classes"].tolist()
+        assert kept == sorted(set(kept))  # distinct, in file order
+        assert torch.equal(b["masks"], a["masks"][kept])  # same flip as without the cap
+        flips.add(bool(a["masks"][0, 0, -1]))
+    assert flips == {True, False}
+    many = DatasetMapper(MapperParams([40], 1000, flip="horizontal", max_instances=10))
+    assert torch.equal(many(rec, np.random.default_rng(1))["instances"]["masks"],
+                       full(rec, np.random.default_rng(1))["instances"]["masks"])
+
+
 def test_flipped_polygons_are_rasterised_after_flipping_like_detectron2(tmp_path):
     """Detectron2 scales and flips polygon coordinates, then rasterises (bitmask format); rasterising first
     and flipping the raster differs by a pixel for some polygons (pycocotools is not mirror-symmetric)."""

@@ -59,3 +59,38 @@ def test_rle_counts_are_strings_and_decode(synthetic_root):
     rle = data["annotations"][0]["segmentation"]
     assert isinstance(rle["counts"], str)
     assert mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).sum() == data["annotations"][0]["area"]
+
+
+def test_parts_variant_adds_inner_parts_to_the_same_scenes(tmp_path):
+    """The parts variant keeps each scene (objects, and every pixel outside the parts) and adds contained parts
+    with levels and parents; the default dataset is generated as before, in its own folder."""
+    from cutler.data.synthetic import render_image_with_parts
+
+    for i in range(4):
+        plain, objects = render_image(0, "train", i)
+        image, objects_p, parts = render_image_with_parts(0, "train", i)
+        assert all(np.array_equal(a, b) for a, b in zip(objects, objects_p)) and len(objects) == len(objects_p)
+        painted = np.zeros(plain.shape[:2], bool)
+        for p in parts:
+            container = objects[p.container] if p.depth == 1 else parts[p.container].mask
+            assert p.mask.any() and not (p.mask & ~container).any()
+            painted |= p.mask
+        assert np.array_equal(image[~painted], plain[~painted])
+    paths = ensure_synthetic_dataset(tmp_path, num_train=4, num_val=1, parts=True)
+    assert paths["train"].json_file == tmp_path / "synthetic_parts" / "train" / "annotations.json"
+    assert get_dataset("synthetic_parts_train", tmp_path).json_file == paths["train"].json_file
+    coco = COCO(str(paths["train"].json_file))
+    levels = [a["level"] for a in coco.anns.values()]
+    assert {0, 1, 2} <= set(levels)
+    for a in coco.anns.values():
+        if a["level"] == 0:
+            assert a["parent"] is None
+            continue
+        parent = coco.anns[a["parent"]]
+        assert parent["image_id"] == a["image_id"] and parent["level"] == a["level"] - 1
+        m, pm = coco.annToMask(a).astype(bool), coco.annToMask(parent).astype(bool)
+        assert a["area"] == m.sum() > 0 and not (m & ~pm).any()
+    plain = ensure_synthetic_dataset(tmp_path, num_train=4, num_val=1)
+    anns = json.load(open(plain["train"].json_file))["annotations"]
+    assert all("level" not in a and "parent" not in a for a in anns)
+    assert len(anns) == sum(1 for lv in levels if lv == 0)

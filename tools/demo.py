@@ -9,6 +9,11 @@ Example:
 
 Without --weights (and no model.weights in the config) the model is randomly initialised, with a loud
 warning: a smoke test of the pipeline, not a result.
+
+UnSAM hierarchies (one panel per level: divide masks, then the parts at each merging threshold):
+    python tools/demo.py --hierarchy --input img.jpg --output out --weights cutler_cascade_final.pth \
+        --dino dino_vitbase8_pretrain.pth                       # divide-and-conquer on the spot
+    python tools/demo.py --hierarchy-json pseudo.json --input images/ --output out   # masks already made
 """
 import argparse
 import sys
@@ -28,8 +33,20 @@ def main(argv=None):
     parser.add_argument("--names", default=None,
                         help="panoptic models: a JSON with 'thing_mapping' (cluster -> category, as "
                              "tools/eval_panoptic.py writes) and/or 'thing_names' / 'stuff_names' (id -> text)")
-    add_config_arguments(parser, default_config="cutler/imagenet_cascade_demo")
+    parser.add_argument("--hierarchy", action="store_true",
+                        help="draw the UnSAM hierarchy found by divide-and-conquer (config: unsam/divide_conquer; "
+                             "--weights is the divide detector)")
+    parser.add_argument("--dino", default=None, help="with --hierarchy: DINO checkpoint (unsam.conquer.pretrain_path)")
+    parser.add_argument("--hierarchy-json", default=None, help="draw the hierarchy stored in this pseudo-mask JSON")
+    add_config_arguments(parser, default_config=None)  # by mode: cutler/imagenet_cascade_demo or unsam/divide_conquer
     args = parser.parse_args(argv)
+    if args.hierarchy or args.hierarchy_json:
+        from cutler.unsam.cli import hierarchy_demo
+
+        written = hierarchy_demo(args)
+        print(f"wrote {len(written)} hierarchy pictures to {args.output}")
+        return
+    args.config_file = args.config_file or "cutler/imagenet_cascade_demo"
 
     from cutler.evaluation.demo import run_demo
     from cutler.evaluation.evaluator import build_eval_model

@@ -201,10 +201,10 @@ def import_detectron2_yaml(path: os.PathLike | str) -> dict:
 
 
 # Our keys that Detectron2's config does not have: dropped when exporting for a Detectron2 build.
-CUTLER_ONLY_SECTIONS = ("maskcut", "selftrain", "eval", "pipeline", "u2seg", "stego", "panoptic")
+CUTLER_ONLY_SECTIONS = ("maskcut", "selftrain", "eval", "pipeline", "u2seg", "stego", "panoptic", "unsam")
 CUTLER_ONLY_KEYS = {
     "model.channels_last", "datasets.root", "solver.checkpoint_keep_last", "solver.nan_policy", "solver.amp.dtype",
-    "solver.log_period", "solver.ddp_find_unused_parameters",
+    "solver.log_period", "solver.ddp_find_unused_parameters", "dataloader.max_instances_per_image",
 }
 # Keys the CutLER fork adds to Detectron2's config.
 CUTLER_FORK_KEYS = {

@@ -219,6 +219,7 @@ class DataLoaderConfig:
     copy_paste_max_ratio: float = 1.0
     copy_paste_random_num: bool = True
     visualize_copy_paste: bool = False
+    max_instances_per_image: int = 0  # ours: train on at most this many annotations per image, drawn at random (0 = all)
 
 
 # -------------------------------------------------------------------------------------------- solver
@@ -472,6 +473,82 @@ class PipelineConfig:
     num_gpus: int = 1  # training processes on this machine (CPU processes without CUDA)
     variant: str = "cutler"  # "cutler" | "u2seg" (adds embeddings + clustering, class-aware rounds, matched eval)
     # | "u2seg_panoptic" (clustered things + STEGO stuff -> panoptic pseudo-labels -> universal model -> PQ)
+    # | "unsam" (divide-and-conquer hierarchical pseudo-masks -> whole-image segmenter rounds -> mask AR)
+
+
+# -------------------------------------------------------------------------------------------- unsam
+@dataclass
+class UnsamDivideConfig:
+    """UnSAM divide step: a trained detector on the image resized to a square."""
+
+    detector_config: str = "cutler/imagenet_cascade_demo.yaml"  # the detector's config (name under configs/ or path)
+    detector_overrides: List[str] = _list()
+    weights: str = ""  # trained detector (ours or the published CutLER .pth); the pipeline trains one when empty
+    image_size: int = 1024  # the image is resized to image_size x image_size
+    score_thresh: float = 0.3  # detector masks scoring more are divide masks
+    batch_size: int = 1  # images per detector call
+
+
+@dataclass
+class UnsamConquerConfig:
+    """UnSAM conquer step: DINO keys of each divide mask's box, bottom-up merging of adjacent clusters."""
+
+    vit_arch: str = "base"
+    patch_size: int = 8
+    pretrain_path: str = ""  # DINO checkpoint; empty = random init (loud warning)
+    dtype: str = "auto"  # ViT autocast, as maskcut.dtype
+    crop_size: int = 256  # each box is resized to crop_size x crop_size (32x32 patches of 8 px)
+    thresholds: List[float] = _list(0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # finest first
+    min_patches: int = 4  # smaller clusters are not parts (published code)
+    min_coverage: float = 0.9  # a part is kept when more than this fraction of it lies inside its divide mask
+    vit_batch_size: int = 32  # crops per ViT forward
+    merge_batch_size: int = 64  # crops merged together (Gram memory: 8 MB per 32x32 crop)
+
+
+@dataclass
+class UnsamMergeConfig:
+    """UnSAM merge step: mask NMS, dense-CRF refinement of each mask around its box, filtering."""
+
+    nms_iou: float = 0.9  # masks overlapping an earlier (coarser, then larger) kept mask more are duplicates
+    crf: str = "auto"  # "pydensecrf" | "torch" | "none" | "auto" (torch on GPU, pydensecrf on CPU)
+    crf_size: int = 256  # the refinement window is resized to crf_size x crf_size
+    crf_context: float = 2.0  # window side = crf_context x the box's longer side, centred on the box
+    crf_iou_thresh: float = 0.5  # masks whose refinement overlaps them less are dropped
+    max_area_fraction: float = 0.9  # refined masks covering more of the image are dropped (published code)
+    workers: int = 0  # CPU post-processing processes (0 = CPU count, -1 = inline)
+
+
+@dataclass
+class UnsamLearnConfig:
+    """The whole-image segmenter trained on the pseudo-masks, and its self-training rounds."""
+
+    segmenter: str = "cascade_mask_rcnn"  # a name of cutler.unsam.segmenter.SEGMENTERS
+    config: str = "unsam/cascade_r50_fpn.yaml"
+    overrides: List[str] = _list()
+    selftrain_rounds: int = 1
+    selftrain_score_thresh: float = 0.7  # predictions scoring at least this become labels (CutLER merge rule)
+    selftrain_drop_iou: float = 0.5  # previous labels overlapping a kept prediction more are dropped
+    selftrain_overrides: List[str] = _list("solver.base_lr=0.005", "solver.gamma=1.0")
+    selftrain_max_iter: int = 0  # 0 = the recipe's max_iter
+
+
+@dataclass
+class UnsamConfig:
+    """UnSAM divide-and-conquer pseudo-masks (``tools/unsam_divide_conquer.py``) and the pipeline variant."""
+
+    divide: UnsamDivideConfig = field(default_factory=UnsamDivideConfig)
+    conquer: UnsamConquerConfig = field(default_factory=UnsamConquerConfig)
+    merge: UnsamMergeConfig = field(default_factory=UnsamMergeConfig)
+    learn: UnsamLearnConfig = field(default_factory=UnsamLearnConfig)
+    device: str = "auto"
+    dataset_path: str = ""  # image folder or COCO JSON (tools/unsam_divide_conquer.py)
+    image_root: str = ""  # with a COCO JSON dataset_path: the folder its file names are relative to
+    out_dir: str = "output/unsam"
+    chunk_size: int = 64  # images per atomically written result chunk
+    num_workers: int = 2  # image decoding workers
+    shard_index: int = -1  # -1 = from torchrun's RANK (or 0)
+    num_shards: int = -1  # -1 = from torchrun's WORLD_SIZE (or 1)
+    max_dets: int = 1000  # detections per image kept for AR (evaluation)
 
 
 @dataclass
@@ -491,6 +568,7 @@ class CutlerConfig:
     u2seg: U2SegConfig = field(default_factory=U2SegConfig)
     stego: StegoConfig = field(default_factory=StegoConfig)
     panoptic: PanopticLabelConfig = field(default_factory=PanopticLabelConfig)
+    unsam: UnsamConfig = field(default_factory=UnsamConfig)
     output_dir: str = "output"
     seed: int = -1  # -1 = derive from time (logged); >= 0 = deterministic
     cudnn_benchmark: bool = False

@@ -81,12 +81,13 @@ class MapperParams:
     sampling: str = "choice"  # "choice" | "range"
     flip: str = "horizontal"  # "horizontal" | "vertical" | "none"
     is_train: bool = True
+    max_instances: int = 0  # train on at most this many annotations per image, drawn at random (0 = all)
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> "MapperParams":
         if is_train:
             return cls(list(cfg.input.min_size_train), int(cfg.input.max_size_train), str(cfg.input.min_size_train_sampling),
-                       str(cfg.input.random_flip), True)
+                       str(cfg.input.random_flip), True, int(getattr(cfg.dataloader, "max_instances_per_image", 0)))
         return cls([int(cfg.input.min_size_test)], int(cfg.input.max_size_test), "choice", "none", False)
 
 
@@ -160,6 +161,10 @@ class DatasetMapper:
             return out
 
         anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+        if 0 < p.max_instances < len(anns):
+            # Dense pseudo-masks (hundreds per image): a random subset per sample bounds the cost of decoding and
+            # of the losses. Drawn after the flip, and only when needed, so other settings see the same stream.
+            anns = [anns[i] for i in np.sort(rng.choice(len(anns), p.max_instances, replace=False))]
         boxes = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes *= (nw / w, nh / h, nw / w, nh / h)

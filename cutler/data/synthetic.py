@@ -12,6 +12,12 @@ and the one-category file do not depend on it.
 
 Image ``i`` of a split depends only on ``(seed, split, i)``, so splits of different lengths share
 their first images.
+
+With ``parts=True`` (the ``synthetic_parts`` splits, for UnSAM's hierarchies) the same scenes gain inner
+patterns: objects large enough receive one or two contrasting parts (ellipses, rectangles, bands), and some
+parts a smaller spot of their own. Ground truth then lists the whole objects (``level`` 0) followed by their
+visible parts (``level`` 1) and spots (``level`` 2), each part naming its container in ``parent``. Parts are
+drawn from a random stream of their own, so the scenes (and the default dataset) do not change.
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ SHAPE_CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i,
 SHAPES_JSON = "annotations_shapes.json"
 STUFF_CLASSES = ("sky", "ground", "water")  # the panoptic variant's stuff, behind the objects
 MIN_VISIBLE_AREA = 24  # px: smaller visible remnants are not annotated (they are not objects anymore)
+MIN_PART_PARENT_AREA = 900  # px: objects (and parts) smaller than this get no parts
+PARTS_STREAM = 7  # extra seed component of the parts' random stream (the stuff background's too: never both)
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,10 @@ def _shape_mask(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, s
     return mask, shape
 
 
+def _split_salt(split: str) -> int:
+    return sum(ord(c) * 131**i for i, c in enumerate(split)) % (2**31)
+
+
 def render_scene(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
                  ) -> Tuple[np.ndarray, List[np.ndarray], List[str]]:
     """Render image ``index`` of ``split``.
@@ -108,8 +120,8 @@ def render_scene(seed: int, split: str, index: int, size_range: Tuple[int, int] 
         masks: visible ``(H, W)`` bool masks, one per annotated object (>= 1 object, at most 6).
         shapes: the shape name (one of :data:`SHAPES`) of each mask.
     """
-    image, masks, shapes, _ = _render(seed, split, index, size_range, stuff=False)
-    return image, masks, shapes
+    canvas, masks, shapes, _ = _render_canvas(seed, split, index, size_range, stuff=False)
+    return _to_uint8(canvas), masks, shapes
 
 
 def render_panoptic_scene(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
@@ -117,7 +129,8 @@ def render_panoptic_scene(seed: int, split: str, index: int, size_range: Tuple[i
     """:func:`render_scene` with "stuff" behind the objects: ``(image, masks, shapes, stuff)``, where ``stuff`` is
     the ``(H, W)`` int64 stuff class per pixel (index into :data:`STUFF_CLASSES` + 1). The objects (shapes,
     positions, colours, masks) are those of :func:`render_scene`; only the background differs."""
-    return _render(seed, split, index, size_range, stuff=True)
+    canvas, masks, shapes, stuff = _render_canvas(seed, split, index, size_range, stuff=True)
+    return _to_uint8(canvas), masks, shapes, stuff
 
 
 def _stuff_background(seed: int, split_salt: int, index: int, h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -140,9 +153,14 @@ def _stuff_background(seed: int, split_salt: int, index: int, h: int, w: int) ->
     return canvas.astype(np.float32), labels.astype(np.int64)
 
 
-def _render(seed: int, split: str, index: int, size_range: Tuple[int, int], stuff: bool
-            ) -> Tuple[np.ndarray, List[np.ndarray], List[str], Optional[np.ndarray]]:
-    split_salt = sum(ord(c) * 131**i for i, c in enumerate(split)) % (2**31)
+def _to_uint8(canvas: np.ndarray) -> np.ndarray:
+    return np.clip(canvas, 0, 255).round().astype(np.uint8)
+
+
+def _render_canvas(seed: int, split: str, index: int, size_range: Tuple[int, int], stuff: bool
+                   ) -> Tuple[np.ndarray, List[np.ndarray], List[str], Optional[np.ndarray]]:
+    """``(float canvas (H, W, 3), visible masks, shape names, stuff labels or None)`` of image ``index``."""
+    split_salt = _split_salt(split)
     rng = np.random.default_rng([seed, split_salt, index])
     h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
     bg_base = rng.uniform(40, 215, 3).astype(np.float32)
@@ -177,8 +195,7 @@ def _render(seed: int, split: str, index: int, size_range: Tuple[int, int], stuf
         m = m.astype(bool)
         canvas[m] = (bg_base + 100) % 256
         visible = [(m, "ellipse")]
-    image = np.clip(canvas, 0, 255).round().astype(np.uint8)
-    return image, [m for m, _ in visible], [shape for _, shape in visible], stuff_labels
+    return canvas, [m for m, _ in visible], [shape for _, shape in visible], stuff_labels
 
 
 def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
@@ -186,6 +203,79 @@ def render_image(seed: int, split: str, index: int, size_range: Tuple[int, int] 
     """:func:`render_scene` without the shape names: ``(image, visible masks)``."""
     image, masks, _ = render_scene(seed, split, index, size_range)
     return image, masks
+
+
+@dataclass(frozen=True)
+class Part:
+    """A visible inner pattern: its mask, its depth (1 = part of an object, 2 = spot of a part) and the index of
+    its container (an object index for depth 1, a part index for depth 2)."""
+
+    mask: np.ndarray
+    depth: int
+    container: int
+
+
+def _inner_shape(rng: np.random.Generator, region: np.ndarray, fraction: Tuple[float, float]) -> np.ndarray:
+    """A random ellipse, rectangle or band of ``fraction`` of ``region``'s box size, centred inside ``region``."""
+    ys, xs = np.nonzero(region)
+    h, w = region.shape
+    box = min(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+    size = max(4.0, box * rng.uniform(*fraction))
+    inner = cv2.erode(region.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=max(1, int(size / 4)))
+    cy, cx = np.nonzero(inner) if inner.any() else (ys, xs)
+    k = int(rng.integers(len(cy)))
+    center = (int(cx[k]), int(cy[k]))
+    out = np.zeros((h, w), np.uint8)
+    kind = rng.integers(3)
+    angle = float(rng.uniform(0, 180))
+    if kind == 0:
+        cv2.ellipse(out, center, (max(2, int(size / 2)), max(2, int(size / 2 * rng.uniform(0.5, 1.0)))), angle, 0,
+                    360, 1, -1)
+    elif kind == 1:
+        pts = cv2.boxPoints(((center[0], center[1]), (size, size * rng.uniform(0.5, 1.0)), angle))
+        cv2.fillPoly(out, [np.round(pts).astype(np.int32)], 1)
+    else:  # a band across the region
+        pts = cv2.boxPoints(((center[0], center[1]), (3 * size, size * rng.uniform(0.3, 0.5)), angle))
+        cv2.fillPoly(out, [np.round(pts).astype(np.int32)], 1)
+    return out.astype(bool) & region
+
+
+def _add_parts(rng: np.random.Generator, canvas: np.ndarray, objects: List[np.ndarray]) -> List[Part]:
+    """Paint parts (and spots inside some parts) onto ``canvas`` in place; returns them."""
+    parts: List[Part] = []
+    for oi, obj in enumerate(objects):
+        if obj.sum() < MIN_PART_PARENT_AREA:
+            continue
+        taken = np.zeros_like(obj)
+        for _ in range(int(rng.integers(1, 3))):
+            part = _inner_shape(rng, obj & ~taken, (0.3, 0.5)) if (obj & ~taken).any() else taken & False
+            area = part.sum()
+            colour = (canvas[obj].mean(axis=0) + rng.choice([-1, 1], 3) * rng.uniform(70, 120, 3)) % 256
+            if area < MIN_VISIBLE_AREA or area > 0.6 * obj.sum():
+                continue
+            canvas[part] = colour
+            taken |= part
+            parts.append(Part(part, 1, oi))
+            if area >= MIN_PART_PARENT_AREA / 2 and rng.random() < 0.5:
+                spot = _inner_shape(rng, part, (0.3, 0.45))
+                if MIN_VISIBLE_AREA <= spot.sum() <= 0.6 * area:
+                    canvas[spot] = (colour + rng.choice([-1, 1], 3) * rng.uniform(80, 120, 3)) % 256
+                    parts.append(Part(spot, 2, len(parts) - 1))
+    return parts
+
+
+def render_image_with_parts(seed: int, split: str, index: int, size_range: Tuple[int, int] = (160, 384)
+                            ) -> Tuple[np.ndarray, List[np.ndarray], List[Part]]:
+    """Image ``index`` of ``split`` with inner parts: the scene of :func:`render_scene` plus parts.
+
+    Returns:
+        image: ``(H, W, 3)`` uint8 RGB.
+        objects: visible ``(H, W)`` bool object masks (parts included), as :func:`render_image` returns them.
+        parts: the visible parts, containers before their spots.
+    """
+    canvas, visible, _, _ = _render_canvas(seed, split, index, size_range, stuff=False)
+    parts = _add_parts(np.random.default_rng([seed, _split_salt(split), index, PARTS_STREAM]), canvas, visible)
+    return _to_uint8(canvas), visible, parts
 
 
 def mask_to_annotation(mask: np.ndarray, ann_id: int, image_id: int) -> Dict:
@@ -198,9 +288,11 @@ def mask_to_annotation(mask: np.ndarray, ann_id: int, image_id: int) -> Dict:
 
 
 def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int = 0, split: str = "train",
-                         size_range: Tuple[int, int] = (160, 384)) -> SplitPaths:
+                         size_range: Tuple[int, int] = (160, 384), parts: bool = False) -> SplitPaths:
     """Write ``num_images`` PNGs to ``out_dir/images`` and COCO ground truth to ``out_dir/annotations.json``
-    (one category) and ``out_dir/annotations_shapes.json`` (the shape classes, same annotation ids).
+    (one category) and, without ``parts``, ``out_dir/annotations_shapes.json`` (the shape classes, same
+    annotation ids). With ``parts`` the images have inner parts and the annotations carry ``level`` and
+    ``parent`` (see the module docstring).
 
     The JSONs are written last (atomically, the one-category file last), so its presence means the split is
     complete.
@@ -210,7 +302,11 @@ def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int 
     image_root.mkdir(parents=True, exist_ok=True)
     images, annotations, shape_ids = [], [], []
     for i in range(num_images):
-        image, masks, shapes = render_scene(seed, split, i, size_range)
+        if parts:
+            image, masks, inner = render_image_with_parts(seed, split, i, size_range)
+            shapes = []
+        else:
+            image, masks, shapes = render_scene(seed, split, i, size_range)
         file_name = f"{split}_{i:06d}.png"
         ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         if not ok:
@@ -218,21 +314,35 @@ def make_synthetic_split(out_dir: os.PathLike | str, num_images: int, seed: int 
         atomic_write_bytes(image_root / file_name, buf.tobytes())
         image_id = i + 1
         images.append({"id": image_id, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
-        for m, shape in zip(masks, shapes):
+        first = len(annotations) + 1
+        for m in masks:
             annotations.append(mask_to_annotation(m, len(annotations) + 1, image_id))
-            shape_ids.append(SHAPES.index(shape) + 1)
-    info = {"description": f"cutler synthetic dataset, split {split}",
+        shape_ids.extend(SHAPES.index(shape) + 1 for shape in shapes)
+        if parts:
+            for ann in annotations[first - 1:]:
+                ann.update(level=0, parent=None)
+            part_ids: List[int] = []
+            for part in inner:
+                parent = first + part.container if part.depth == 1 else part_ids[part.container]
+                part_ids.append(len(annotations) + 1)
+                annotations.append({**mask_to_annotation(part.mask, part_ids[-1], image_id), "level": part.depth,
+                                    "parent": parent})
+    info = {"description": f"cutler synthetic dataset, split {split}" + (" (with parts)" if parts else ""),
             "generator_version": GENERATOR_VERSION, "seed": seed, "size_range": list(size_range)}
-    shapes_info = dict(info, description=f"cutler synthetic dataset, split {split}, shape classes")
-    atomic_write_json(out_dir / SHAPES_JSON, {
-        "info": shapes_info, "images": images, "categories": SHAPE_CATEGORIES,
-        "annotations": [dict(a, category_id=c) for a, c in zip(annotations, shape_ids)]})
+    if parts:
+        info["parts"] = True
+    else:
+        shapes_info = dict(info, description=f"cutler synthetic dataset, split {split}, shape classes")
+        atomic_write_json(out_dir / SHAPES_JSON, {
+            "info": shapes_info, "images": images, "categories": SHAPE_CATEGORIES,
+            "annotations": [dict(a, category_id=c) for a, c in zip(annotations, shape_ids)]})
     json_file = out_dir / "annotations.json"
     atomic_write_json(json_file, {"info": info, "images": images, "annotations": annotations, "categories": [CATEGORY]})
     return SplitPaths(image_root, json_file)
 
 
-def _split_is_current(paths: SplitPaths, num_images: int, seed: int, size_range: Tuple[int, int]) -> bool:
+def _split_is_current(paths: SplitPaths, num_images: int, seed: int, size_range: Tuple[int, int],
+                      parts: bool = False) -> bool:
     if not paths.json_file.is_file():
         return False
     try:
@@ -243,17 +353,21 @@ def _split_is_current(paths: SplitPaths, num_images: int, seed: int, size_range:
     meta = info.get("info", {})
     return (meta.get("generator_version") == GENERATOR_VERSION and meta.get("seed") == seed
             and meta.get("size_range") == list(size_range) and len(info.get("images", [])) == num_images
-            and (paths.json_file.parent / SHAPES_JSON).is_file()
+            and bool(meta.get("parts", False)) == parts
+            and (parts or (paths.json_file.parent / SHAPES_JSON).is_file())
             and all((paths.image_root / im["file_name"]).is_file() for im in info["images"]))
 
 
 def ensure_synthetic_dataset(root: Optional[os.PathLike | str] = None, num_train: int = 24, num_val: int = 8,
-                             seed: int = 0, size_range: Tuple[int, int] = (160, 384)) -> Dict[str, SplitPaths]:
+                             seed: int = 0, size_range: Tuple[int, int] = (160, 384),
+                             parts: bool = False) -> Dict[str, SplitPaths]:
     """Generate (or reuse, when already complete with the same parameters) the train and val splits.
 
     Args:
         root: datasets root; the splits go to ``root/synthetic/{train,val}`` (the catalog names
             ``synthetic_train`` / ``synthetic_val``). Default: ``$CUTLER_DATASETS`` or ``./datasets``.
+        parts: the variant with inner parts, in ``root/synthetic_parts/{train,val}`` (``synthetic_parts_train``
+            / ``synthetic_parts_val``).
 
     Returns:
         ``{"train": SplitPaths, "val": SplitPaths}``.
@@ -263,10 +377,10 @@ def ensure_synthetic_dataset(root: Optional[os.PathLike | str] = None, num_train
     base = Path(root) if root is not None else default_datasets_root()
     out = {}
     for split, n in (("train", num_train), ("val", num_val)):
-        split_dir = base / "synthetic" / split
+        split_dir = base / ("synthetic_parts" if parts else "synthetic") / split
         paths = SplitPaths(split_dir / "images", split_dir / "annotations.json")
-        if not _split_is_current(paths, n, seed, size_range):
-            paths = make_synthetic_split(split_dir, n, seed=seed, split=split, size_range=size_range)
+        if not _split_is_current(paths, n, seed, size_range, parts):
+            paths = make_synthetic_split(split_dir, n, seed=seed, split=split, size_range=size_range, parts=parts)
         out[split] = paths
     return out
 
@@ -358,8 +472,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-size", type=int, default=160)
     parser.add_argument("--max-size", type=int, default=384)
+    parser.add_argument("--parts", action="store_true", help="the variant with inner parts (synthetic_parts/)")
     args = parser.parse_args(argv)
-    splits = ensure_synthetic_dataset(args.root, args.num_train, args.num_val, args.seed, (args.min_size, args.max_size))
+    splits = ensure_synthetic_dataset(args.root, args.num_train, args.num_val, args.seed, (args.min_size, args.max_size),
+                                      parts=args.parts)
     for split, paths in splits.items():
         with open(paths.json_file) as f:
             coco = json.load(f)

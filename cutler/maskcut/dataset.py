@@ -1,8 +1,10 @@
 """MaskCut inputs: listing a dataset, job/shard selection, decoding and resizing images in workers."""
 from __future__ import annotations
 
+import abc
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -91,36 +93,52 @@ def resize_for_maskcut(image: np.ndarray, fixed_size: int, patch_size: int) -> T
     return fixed, np.array(img.resize((side, side), Image.LANCZOS))
 
 
-class MaskCutImages(torch.utils.data.Dataset):
-    """Decodes and resizes images in DataLoader workers; never raises for a bad image.
+class DecodedImages(torch.utils.data.Dataset, abc.ABC):
+    """Decodes images in DataLoader workers and prepares each with :meth:`prepare`; never raises for a bad image.
 
-    Items are dicts: ``record``, ``width``/``height`` (original, EXIF-oriented), ``image`` (the
-    ``fixed_size`` RGB uint8 array the CRF uses), ``resized`` (the ViT input, a patch multiple),
-    ``decode_s``; or ``record`` + ``error`` (the reason) when the image cannot be used.
+    Items are dicts: ``record``, ``width``/``height`` (original, EXIF-oriented), the arrays :meth:`prepare`
+    returns, ``decode_s``; or ``record`` + ``error`` (the reason) when the image cannot be used.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], fixed_size: int, patch_size: int):
+    min_size = 1  # smallest accepted image side in pixels
+
+    def __init__(self, records: Sequence[ImageRecord]):
         self.records = list(records)
-        self.fixed_size = fixed_size
-        self.patch_size = patch_size
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
-        import time
+    @abc.abstractmethod
+    def prepare(self, rgb: np.ndarray) -> dict:
+        """The arrays an item carries, from the decoded ``(H, W, 3)`` uint8 RGB image."""
 
+    def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
         t0 = time.perf_counter()
         try:
-            arr = read_image_rgb(rec.path, min_size=self.patch_size)
-            fixed, resized = resize_for_maskcut(arr, self.fixed_size, self.patch_size)
+            arr = read_image_rgb(rec.path, min_size=self.min_size)
+            arrays = self.prepare(arr)
         except ImageReadError as e:
             return {"record": rec, "error": e.reason}
         except (MemoryError, OSError, ValueError) as e:  # anything PIL still raises for odd files
             return {"record": rec, "error": f"{type(e).__name__}: {e}"}
-        return {"record": rec, "width": int(arr.shape[1]), "height": int(arr.shape[0]), "image": fixed,
-                "resized": resized, "decode_s": time.perf_counter() - t0}
+        return {"record": rec, "width": int(arr.shape[1]), "height": int(arr.shape[0]), **arrays,
+                "decode_s": time.perf_counter() - t0}
+
+
+class MaskCutImages(DecodedImages):
+    """MaskCut's inputs: ``image`` (the ``fixed_size`` RGB uint8 array the CRF uses) and ``resized`` (the ViT
+    input, a patch multiple) per item (see :class:`DecodedImages`)."""
+
+    def __init__(self, records: Sequence[ImageRecord], fixed_size: int, patch_size: int):
+        super().__init__(records)
+        self.fixed_size = fixed_size
+        self.patch_size = patch_size
+        self.min_size = patch_size
+
+    def prepare(self, rgb: np.ndarray) -> dict:
+        fixed, resized = resize_for_maskcut(rgb, self.fixed_size, self.patch_size)
+        return {"image": fixed, "resized": resized}
 
 
 def collate_items(items: list) -> list:

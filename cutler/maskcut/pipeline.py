@@ -2,13 +2,14 @@
 batched) -> CRF + encoding (process pool, overlapping the next batches) -> atomic chunk writer."""
 from __future__ import annotations
 
+import abc
 import collections
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -167,19 +168,28 @@ class ShardProgress:
 
 
 class PostprocessQueue:
-    """CRF + encoding of each image in a process pool (inline without one), overlapping the next batches.
+    """Per-image post-processing in a process pool (inline without one), overlapping the next batches.
 
-    Results are handed to ``progress`` in submission order; at most ``max_pending`` images wait.
+    ``fn(*args)`` returns ``(annotations, stats)``; ``account(stats)`` takes the stats of each finished image
+    (default: MaskCut's :func:`postprocess_image`, whose CRF and encoding seconds add to ``timings``). Results
+    are handed to ``progress`` in submission order; at most ``max_pending`` images wait.
     """
 
     def __init__(self, pool: Optional[cf.ProcessPoolExecutor], progress: ShardProgress, timings: Dict[str, float],
-                 max_pending: int):
+                 max_pending: int, fn: Callable[..., tuple] = postprocess_image,
+                 account: Optional[Callable[[dict], None]] = None):
         self.pool, self.progress, self.timings, self.max_pending = pool, progress, timings, max_pending
+        self.fn = fn
+        self.account = account or self._add_seconds
         self.pending: collections.deque = collections.deque()
 
+    def _add_seconds(self, t: Dict[str, float]) -> None:
+        self.timings["crf"] += t["crf"]
+        self.timings["encode"] += t["encode"]
+
     def submit(self, item: dict, args: tuple) -> None:
-        """Queue :func:`postprocess_image` ``(*args)`` for the decoded ``item``."""
-        fut = self.pool.submit(postprocess_image, *args) if self.pool else _Inline(postprocess_image, *args)
+        """Queue ``fn(*args)`` for the decoded ``item``."""
+        fut = self.pool.submit(self.fn, *args) if self.pool else _Inline(self.fn, *args)
         self.pending.append((item["record"], item["width"], item["height"], fut))
 
     def drain(self, limit: Optional[int] = None) -> None:
@@ -188,12 +198,11 @@ class PostprocessQueue:
         while len(self.pending) > limit:
             rec, w, h, fut = self.pending.popleft()
             try:
-                anns, t = fut.result()
+                anns, stats = fut.result()
             except Exception as e:  # noqa: BLE001 - one image's post-processing must not stop the run
                 self.progress.fail(rec, f"post-processing failed: {type(e).__name__}: {e}")
                 continue
-            self.timings["crf"] += t["crf"]
-            self.timings["encode"] += t["encode"]
+            self.account(stats)
             self.progress.done(rec, w, h, anns)
 
     def close(self) -> None:
@@ -201,29 +210,35 @@ class PostprocessQueue:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class ShardRunner:
-    """The batch loop of one shard: masks of a batch on the device, then their post-processing queued.
+class BatchRunner(abc.ABC):
+    """The batch loop of one shard: each decoded batch computed by :meth:`run_batch` (which queues the
+    images' post-processing on ``queue``), then the queue drained.
 
-    A batch that raises is retried image by image, so only the image that breaks it is recorded as failed.
+    Undecodable images are recorded as failed; a batch that raises is retried image by image, so only the image
+    that breaks it is recorded (reason ``"<what> failed: ..."``). Loader waits and decoding seconds add to
+    ``timings["decode_wait"]`` / ``timings["decode"]``.
     """
 
-    def __init__(self, cfg, model: MaskCutModel, crf_mode: str, queue: PostprocessQueue, progress: ShardProgress):
-        self.cfg, self.model, self.crf_mode, self.queue, self.progress = cfg, model, crf_mode, queue, progress
-        self.params = CRFParams()
-        self.stage_status: collections.Counter = collections.Counter()
+    what = "batch"
+
+    def __init__(self, queue: PostprocessQueue, progress: ShardProgress, timings: Dict[str, float]):
+        self.queue, self.progress, self.timings = queue, progress, timings
+
+    @abc.abstractmethod
+    def run_batch(self, items: List[dict]) -> None:
+        """Compute ``items`` (decoded images) and queue their post-processing; may raise."""
 
     def run(self, loader) -> None:
         """Every batch of ``loader``, then the queue emptied."""
-        timings = self.model.timings
         t_wait = time.perf_counter()
         for batch in loader:
-            timings["decode_wait"] += time.perf_counter() - t_wait
+            self.timings["decode_wait"] += time.perf_counter() - t_wait
             good = []
             for it in batch:
                 if "error" in it:
                     self.progress.fail(it["record"], it["error"])
                 else:
-                    timings["decode"] += it["decode_s"]
+                    self.timings["decode"] += it["decode_s"]
                     good.append(it)
             if good:
                 self.run_isolating_failures(good)
@@ -241,7 +256,19 @@ class ShardRunner:
                 try:
                     self.run_batch([it])
                 except Exception as e1:  # noqa: BLE001
-                    self.progress.fail(it["record"], f"maskcut failed: {type(e1).__name__}: {e1}")
+                    self.progress.fail(it["record"], f"{self.what} failed: {type(e1).__name__}: {e1}")
+
+
+class ShardRunner(BatchRunner):
+    """MaskCut's batch loop: masks of a batch on the device, then their post-processing queued."""
+
+    what = "maskcut"
+
+    def __init__(self, cfg, model: MaskCutModel, crf_mode: str, queue: PostprocessQueue, progress: ShardProgress):
+        super().__init__(queue, progress, model.timings)
+        self.cfg, self.model, self.crf_mode = cfg, model, crf_mode
+        self.params = CRFParams()
+        self.stage_status: collections.Counter = collections.Counter()
 
     def run_batch(self, items: List[dict]) -> None:
         """Stage masks of ``items`` (decoded images of one size), their CRF on the device in torch mode, and

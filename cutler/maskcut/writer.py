@@ -24,6 +24,24 @@ from ..utils.logging import get_logger
 logger = get_logger(__name__)
 
 CATEGORIES = [{"id": 1, "name": "fg", "supercategory": "fg"}]
+#: Annotation fields holding the id of another annotation of the same image; renumbered with the ids.
+REFERENCE_FIELDS = ("parent",)
+
+
+def _renumber(ann: dict, new_id: int, id_map: dict, where: str) -> None:
+    """Give ``ann`` the id ``new_id`` (recording its old one in ``id_map``) and renumber its references,
+    which must name annotations seen before it."""
+    if "id" in ann:
+        id_map[ann["id"]] = new_id
+    ann["id"] = new_id
+    for key in REFERENCE_FIELDS:
+        ref = ann.get(key)
+        if ref is not None:
+            if ref not in id_map:
+                raise ValueError(f"{where}: annotation '{key}' {ref} does not name an earlier annotation of the "
+                                 "same image")
+            ann[key] = id_map[ref]
+
 
 # "published": annotations also carry the published script's fields that a downstream tool may read
 OUTPUT_FORMATS = ("default", "published")
@@ -104,11 +122,16 @@ class ShardWriter:
         return file_name in self.finished
 
     def add(self, image_id: int, file_name: str, width: int, height: int, annotations: Iterable[dict]) -> None:
-        """Queue one image record and its annotations (``image_id`` is set here; ids are chunk-local)."""
+        """Queue one image record and its annotations (``image_id`` is set here; ids are chunk-local).
+
+        Annotations may carry ids of their own (unique within the image) that :data:`REFERENCE_FIELDS` of later
+        annotations refer to (a hierarchy's ``parent``); both are renumbered consistently.
+        """
         self._images.append({"id": int(image_id), "file_name": file_name, "width": int(width), "height": int(height)})
+        id_map: dict = {}
         for ann in annotations:
             ann = dict(ann)
-            ann["id"] = len(self._annotations) + 1
+            _renumber(ann, len(self._annotations) + 1, id_map, f"image {file_name}")
             ann["image_id"] = int(image_id)
             self._annotations.append(ann)
             self.num_annotations += 1
@@ -185,12 +208,13 @@ def merge_outputs(out_dir: os.PathLike | str, output_json: os.PathLike | str, in
             with open(path, encoding="utf-8") as cf:
                 chunk = json.load(cf)
             sizes = {im["id"]: (im["width"], im["height"]) for im in chunk["images"]}
+            id_map: dict = {}
             for ann in chunk["annotations"]:
                 if owner.get(ann["image_id"]) != ci:
                     continue
                 if output_format == "published":
                     ann = published_annotation(ann, *sizes[ann["image_id"]])
-                ann["id"] = next_id
+                _renumber(ann, next_id, id_map, path)
                 next_id += 1
                 f.write(("" if first else ", ") + json.dumps(ann))
                 first = False

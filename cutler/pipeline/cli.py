@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from cutler.config import add_config_arguments, config_from_args
 from cutler.utils.logging import setup_logger
@@ -27,16 +27,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    if cfg.pipeline.variant == "u2seg_panoptic":
+#: ``pipeline.variant`` values: the CutLER loop, U2Seg (its class-aware rounds, or its panoptic loop), UnSAM.
+VARIANTS = ("cutler", "u2seg", "u2seg_panoptic", "unsam")
+
+
+def make_plan(cfg) -> Tuple[Any, Callable[[dict], List[str]]]:
+    """The plan of ``pipeline.variant`` and the function giving its summary lines from the manifest data:
+    ``cutler`` / ``u2seg`` (:class:`PipelinePlan`), ``u2seg_panoptic``
+    (:class:`cutler.u2seg.panoptic_pipeline.PanopticPipelinePlan`) or ``unsam``
+    (:class:`cutler.unsam.pipeline.UnsamPlan`).
+    """
+    variant = str(cfg.pipeline.variant)
+    if variant not in VARIANTS:
+        raise ValueError(f"pipeline.variant={variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant == "u2seg_panoptic":
         from cutler.u2seg.panoptic_pipeline import PanopticPipelinePlan, panoptic_summary
 
-        plan = PanopticPipelinePlan(cfg)
-        return _run(args, plan, panoptic_summary)
+        return PanopticPipelinePlan(cfg), panoptic_summary
+    if variant == "unsam":
+        from cutler.unsam.pipeline import UnsamPlan
+
+        plan = UnsamPlan(cfg)
+        return plan, plan.summary_lines
     plan = PipelinePlan(cfg)
-    return _run(args, plan, lambda data: _round_summary(data, plan))
+    return plan, lambda data: _round_summary(data, plan)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    plan, summarize = make_plan(config_from_args(args))
+    return _run(args, plan, summarize)
 
 
 def _round_summary(data: dict, plan: PipelinePlan) -> list:
@@ -65,5 +85,7 @@ def _run(args, plan, summarize) -> dict:
         print("\n".join(summary))
     report = plan.run_dir / "report" / "report.md"
     if report.is_file():
-        print(f"report: {report}\noverlays: {plan.run_dir / 'overlays'}")
+        print(f"report: {report}")
+    if (plan.run_dir / "overlays").is_dir():
+        print(f"overlays: {plan.run_dir / 'overlays'}")
     return data

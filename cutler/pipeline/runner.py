@@ -219,15 +219,9 @@ class PipelinePlan:
         return run_maskcut_stage(self, "cluster" if self.u2seg else "train on")
 
     def _run_train(self, r: int) -> Dict[str, Any]:
-        from cutler.engine import launch, train
-
         rcfg = self.round_config(r)
-        if self.cfg.pipeline.num_gpus > 1:
-            launch(_train_entry, self.cfg.pipeline.num_gpus, args=(OmegaConf.to_container(rcfg),))
-        else:
-            train(rcfg, resume=True)  # resume: a killed round continues from its last checkpoint
-        metrics_file = Path(rcfg.output_dir) / "metrics.jsonl"
-        return _last_losses(metrics_file)
+        train_round(rcfg, int(self.cfg.pipeline.num_gpus))
+        return _last_losses(Path(rcfg.output_dir) / "metrics.jsonl")
 
     def _load_model(self, r: int):
         from cutler.modeling.build import build_model_with_weights
@@ -306,6 +300,17 @@ class PipelinePlan:
             rows.append({"round": r, "pseudo_masks": counts[r], "metrics": metrics})
         path = write_report(rows, self.run_dir / "report", self.cfg.pipeline.eval_datasets)
         return {"report": str(path)}
+
+
+def train_round(rcfg: DictConfig, num_gpus: int) -> None:
+    """Train the detector of the round config ``rcfg`` into ``rcfg.output_dir`` on ``num_gpus`` processes,
+    resuming from its last checkpoint (a killed round continues where it stopped)."""
+    from cutler.engine import launch, train
+
+    if num_gpus > 1:
+        launch(_train_entry, num_gpus, args=(OmegaConf.to_container(rcfg),))
+    else:
+        train(rcfg, resume=True)
 
 
 def _train_entry(cfg_container: dict) -> None:
